@@ -1,0 +1,239 @@
+"""Configuration: ``EntropyGRPOConfig`` (TRL's GRPOConfig plus a method list) and YAML recipes.
+
+A recipe is one YAML mapping. Three sections describe the run's world, every other key is a field of
+:class:`EntropyGRPOConfig` (so every TRL option keeps its TRL name)::
+
+    model: {name_or_path: tiny}          # "tiny" = the offline tiny model, else a hub id or a local path
+    data: {task: arithmetic, num_prompts: 256}
+    rewards: [correctness]
+    methods:                              # composed in list order
+      - {name: clip_cov, ratio: 2.0e-4}
+    max_steps: 30                         # ... any GRPOConfig field
+
+Command-line overrides ``key=value`` are parsed as YAML values; dotted keys reach into sections and
+lists (``data.num_prompts=64``, ``methods.0.ratio=1e-3``). Unknown keys, wrong types and unknown
+method names fail before anything is built, naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from trl import GRPOConfig
+
+from rlvr_entropy.methods.base import MethodConfigError, coerce
+from rlvr_entropy.methods.pipeline import Pipeline
+from rlvr_entropy.registry import closest
+
+
+class RecipeError(ValueError):
+    """A recipe or override is invalid; the message says what to change."""
+
+
+@dataclass
+class EntropyGRPOConfig(GRPOConfig):
+    """TRL's ``GRPOConfig`` plus the entropy-control method list and rollout-statistics options."""
+
+    methods: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "Entropy-control methods, composed in list order: [{name: <registry key>, <param>: <value>}]."},
+    )
+    log_rollout_entropy: bool = field(
+        default=True,
+        metadata={
+            "help": "Log behaviour-policy (rollout) token entropy whenever it costs no extra forward pass "
+            "(HF generation, or a batch for which TRL computes old log-probs anyway). Methods that need it "
+            "always get it."
+        },
+    )
+    rollout_stats_source: Literal["auto", "generate", "forward"] = field(
+        default="auto",
+        metadata={
+            "help": "Where rollout statistics come from: 'generate' reads them from HF generate's own forward "
+            "calls; 'forward' runs one no-grad pass per generation batch; 'auto' picks 'generate' when "
+            "generation runs through HF generate, else 'forward'."
+        },
+    )
+    answer_extractor: str = field(
+        default="rlvr_entropy.tasks.rewards.extract_answer",
+        metadata={"help": "Import path of `f(text) -> str | None` used for the 'answers' rollout statistic."},
+    )
+    think_marker: str = field(
+        default="</think>",
+        metadata={"help": "Text that ends the thinking phase, for the 'phases' rollout statistic."},
+    )
+    metrics_jsonl: bool = field(
+        default=True, metadata={"help": "Append every logged step to <output_dir>/metrics.jsonl."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.rollout_stats_source not in ("auto", "generate", "forward"):
+            raise ValueError(
+                f"rollout_stats_source must be 'auto', 'generate' or 'forward', got {self.rollout_stats_source!r}"
+            )
+        # Build the methods once here so that a bad entry fails before TRL does any work, and so that
+        # methods exposing TRL features can set TRL fields before GRPOConfig validates them.
+        pipeline = Pipeline.from_config(self.methods)
+        pipeline.configure(self)
+        super().__post_init__()
+        pipeline.check(self)
+
+
+@dataclass
+class ModelSpec:
+    name_or_path: str = "tiny"  # "tiny" builds (or reuses) the offline warm-started tiny model
+    tiny: dict[str, Any] = field(default_factory=dict)  # settings for rlvr_entropy.tiny.build_tiny_model
+
+
+@dataclass
+class DataSpec:
+    task: str | None = "arithmetic"  # a synthetic task of rlvr_entropy.tasks; None to load `dataset`
+    num_prompts: int = 256
+    seed: int = 0
+    dataset: str | None = None  # hub id or local path, read with datasets.load_dataset
+    config_name: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    max_rows: int | None = None
+
+
+@dataclass
+class Recipe:
+    model: ModelSpec
+    data: DataSpec
+    rewards: list[str]
+    train: EntropyGRPOConfig
+    source: str | None = None
+
+
+SECTIONS = {"model": ModelSpec, "data": DataSpec}
+
+
+def train_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(EntropyGRPOConfig) if f.init}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}`` with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override '{item}' is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override '{item}': value is not valid YAML ({err})") from err
+    return out
+
+
+def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][0]...`` for ``dotted = "a.b.0"``, creating mappings for missing sections."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, where)]
+        else:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"override '{dotted}': '{where}' is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, dotted)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"override '{where}': index {part} is out of range for a list of {len(node)}")
+    return int(part)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file (or start empty when ``path`` is None), apply overrides, validate, build configs."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    for key, value in (overrides or {}).items():
+        apply_override(tree, key, value)
+    return build_recipe(tree, source=str(path) if path else None)
+
+
+def build_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
+    tree = dict(tree)
+    where = f"{source}: " if source else ""
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sections[name] = _build_section(cls, tree.pop(name, None) or {}, name, where)
+    rewards = tree.pop("rewards", ["correctness"])
+    if isinstance(rewards, str):
+        rewards = [rewards]
+    if not isinstance(rewards, list) or not rewards or not all(isinstance(r, str) for r in rewards):
+        raise RecipeError(f"{where}`rewards` must be a non-empty list of reward function names, got {rewards!r}")
+
+    fields = train_fields()
+    hints = typing.get_type_hints(EntropyGRPOConfig)
+    valid = sorted([*fields, *SECTIONS, "rewards"])
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in fields:
+            raise RecipeError(f"{where}unknown key '{key}'.{closest(key, valid)}")
+        kwargs[key] = coerce(value, hints[key], key, RecipeError)
+    try:
+        train = EntropyGRPOConfig(**kwargs)
+    except MethodConfigError as err:
+        raise RecipeError(f"{where}{err}") from err
+    except ValueError as err:
+        raise RecipeError(f"{where}invalid configuration: {err}") from err
+    return Recipe(model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source)
+
+
+def _build_section(cls: type, values: Any, name: str, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}`{name}` must be a mapping, got {values!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise RecipeError(f"{where}unknown key '{name}.{key}'.{closest(key, sorted(fields))}")
+        kwargs[key] = coerce(value, hints[key], f"{name}.{key}", RecipeError)
+    return cls(**kwargs)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe: sections plus every training field that differs from the defaults."""
+    defaults = EntropyGRPOConfig.__dataclass_fields__
+    train = {}
+    for name in train_fields():
+        value = getattr(recipe.train, name)
+        default = defaults[name]
+        default_value = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+        if value != default_value and not name.startswith("_"):
+            train[name] = value if isinstance(value, int | float | str | bool | list | dict | type(None)) else str(value)
+    tree = {
+        "model": dataclasses.asdict(recipe.model),
+        "data": dataclasses.asdict(recipe.data),
+        "rewards": recipe.rewards,
+        **train,
+    }
+    return yaml.safe_dump(tree, sort_keys=False)

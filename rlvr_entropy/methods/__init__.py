@@ -1,0 +1,37 @@
+"""Entropy-control methods, one file each, registered by name in ``METHODS``.
+
+Every method module is imported here explicitly (no auto-discovery), so the registry is complete as
+soon as the package is imported.
+"""
+
+from rlvr_entropy.methods import entropy_bonus, high_entropy_tokens  # noqa: F401  (registration)
+from rlvr_entropy.methods.base import (
+    METHODS,
+    ROLLOUT_STATS,
+    LossBatch,
+    Method,
+    MethodConfigError,
+    Rollout,
+    RolloutBatch,
+    RolloutContext,
+    TokenTerms,
+    build_method,
+    register,
+)
+from rlvr_entropy.methods.pipeline import NonFiniteError, Pipeline
+
+__all__ = [
+    "METHODS",
+    "ROLLOUT_STATS",
+    "LossBatch",
+    "Method",
+    "MethodConfigError",
+    "NonFiniteError",
+    "Pipeline",
+    "Rollout",
+    "RolloutBatch",
+    "RolloutContext",
+    "TokenTerms",
+    "build_method",
+    "register",
+]

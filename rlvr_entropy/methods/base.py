@@ -1,0 +1,411 @@
+"""The method interface: what an entropy-control method may read and change, and how methods compose.
+
+A method is a small dataclass whose fields are its YAML parameters. Every hook is the identity by
+default; a method overrides the one or two it needs. :class:`Pipeline` chains the methods of a
+recipe in list order and is the only thing the trainer talks to, so the trainer never branches on
+a method's name. The order in which the trainer calls the hooks is written once, in
+``rlvr_entropy/trainer.py``.
+
+Shapes: ``N`` = samples of the whole generation batch on all processes, ``B`` = samples of one
+loss micro-batch on this process, ``T`` = completion tokens (right-padded), ``K`` = reward
+functions, ``G`` = generations per prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from rlvr_entropy.registry import Registry, closest
+
+#: Rollout statistics a method can declare in ``needs``; the trainer computes only the union.
+#: - ``entropy``: behaviour-policy token entropy at each completion position (N, T)
+#: - ``logps``:   behaviour-policy log-prob of each sampled token (N, T); sums give sequence log-likelihoods
+#: - ``answers``: final answer extracted from each decoded completion (list of str | None)
+#: - ``phases``:  index of the first thinking-end marker in each completion, -1 if absent (N,)
+ROLLOUT_STATS = frozenset({"entropy", "logps", "answers", "phases"})
+
+HOOKS = ("configure", "rollout", "reward", "advantage", "token_loss")
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register("clip_cov")`` makes the method selectable from YAML by that name."""
+    return METHODS.register(name)
+
+
+class MethodConfigError(ValueError):
+    """A method entry in a recipe is malformed (unknown method, unknown or mistyped parameter, bad range)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the hooks see
+
+
+@dataclass
+class Rollout:
+    """Completions for the rows of one ``_generate_single_turn`` call, plus per-row rollout statistics.
+
+    ``stats[name][i]`` is a 1-D float32 tensor with one value per completion token of row ``i``.
+    """
+
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]] | None = None
+    stats: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def replace_rows(self, rows: list[int], other: Rollout) -> Rollout:
+        """Return a copy where row ``rows[j]`` is taken from row ``j`` of ``other``.
+
+        Both rollouts must carry the same statistics (they come from the same trainer), and the
+        caller is responsible for ``other[j]`` answering the same prompt as ``self[rows[j]]``.
+        """
+        if len(rows) != len(other):
+            raise ValueError(f"replace_rows got {len(rows)} rows but {len(other)} completions")
+        ids = list(self.completion_ids)
+        logprobs = None if self.logprobs is None or other.logprobs is None else list(self.logprobs)
+        stats = {k: list(v) for k, v in self.stats.items()}
+        for j, i in enumerate(rows):
+            ids[i] = other.completion_ids[j]
+            if logprobs is not None:
+                logprobs[i] = other.logprobs[j]  # type: ignore[index]
+            for k in stats:
+                stats[k][i] = other.stats[k][j]
+        return Rollout(ids, logprobs, stats)
+
+
+#: ``generate(rows, temperature)`` samples completions for the given rows of the current batch
+#: (all rows if None) at the given temperature (the configured one if None).
+GenerateFn = Callable[[list[int] | None, float | None], Rollout]
+
+
+@dataclass
+class RolloutContext:
+    """What a rollout hook knows about the batch being generated (this process's rows only)."""
+
+    prompt_ids: list[list[int]]  # one entry per row, prompts already repeated G times
+    group_size: int
+    temperature: float
+    step: int
+    training: bool
+    generator: torch.Generator  # seeded from (seed, step, process): draws repeat across runs
+    metrics: dict[str, float] = field(default_factory=dict)
+    _prefix: str = ""
+
+    def log(self, name: str, value: float) -> None:
+        self.metrics[f"{self._prefix}{name}"] = float(value)
+
+
+@dataclass
+class RolloutBatch:
+    """The whole generation batch, gathered from every process, as the reward and advantage hooks see it.
+
+    Samples ``i`` with equal ``group_ids[i]`` answer the same prompt. Tensors are float32 on the
+    training device; padding positions (``mask == 0``) hold zeros and must not be read.
+    """
+
+    rewards_per_func: Tensor  # (N, K) user reward functions, NaN where a function gave no reward
+    reward_names: list[str]
+    reward_weights: Tensor  # (K,)
+    group_ids: Tensor  # (N,) long
+    group_size: int
+    mask: Tensor  # (N, T) 1.0 = generated token that counts
+    completion_ids: Tensor  # (N, T) long
+    step: int
+    training: bool
+    completions: list[str] | None = None  # decoded completions (only when ``answers`` is needed)
+    entropy: Tensor | None = None  # (N, T) behaviour-policy token entropy
+    logps: Tensor | None = None  # (N, T) behaviour-policy log-prob of the sampled tokens
+    answers: list[str | None] | None = None
+    phases: Tensor | None = None  # (N,) position of the first thinking-end marker, -1 if absent
+    metrics: dict[str, float] = field(default_factory=dict)
+    _prefix: str = ""
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.mask.sum(dim=1)  # (N,)
+
+    def weighted_rewards(self) -> Tensor:
+        """TRL's scalar reward: the weighted sum of the reward functions, NaN where all of them are NaN."""
+        r = (self.rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+        return r.masked_fill(torch.isnan(self.rewards_per_func).all(dim=1), float("nan"))
+
+    def reward_column(self, name: str) -> Tensor:
+        """The rewards of one named reward function, (N,)."""
+        if name not in self.reward_names:
+            raise KeyError(f"no reward function named '{name}'.{closest(name, self.reward_names)}")
+        return self.rewards_per_func[:, self.reward_names.index(name)]
+
+    def sequence_logp(self, normalize: bool = False) -> Tensor:
+        """Behaviour-policy log-likelihood of each completion, summed (or averaged) over its tokens, (N,)."""
+        if self.logps is None:
+            raise RuntimeError("sequence_logp needs the 'logps' rollout statistic: add it to the method's `needs`")
+        total = (self.logps * self.mask).sum(dim=1)
+        return total / self.lengths.clamp(min=1.0) if normalize else total
+
+    def mean_entropy(self) -> Tensor:
+        """Masked mean behaviour-policy entropy of each completion, (N,); 0 for an empty completion."""
+        if self.entropy is None:
+            raise RuntimeError("mean_entropy needs the 'entropy' rollout statistic: add it to the method's `needs`")
+        return (self.entropy * self.mask).sum(dim=1) / self.lengths.clamp(min=1.0)
+
+    def log(self, name: str, value: float | Tensor) -> None:
+        """Log a statistic as ``<method>/<name>`` (values are global already: no reduction needed)."""
+        self.metrics[f"{self._prefix}{name}"] = float(value)
+
+
+@dataclass
+class LossBatch:
+    """One loss micro-batch on this process, as the token-level hook sees it.
+
+    ``logps`` and ``entropy`` carry gradients (they come from the single training forward pass);
+    everything else is detached. ``weight`` is the product of the weights returned by the methods
+    listed before this one.
+    """
+
+    logps: Tensor  # (B, T) current policy, with grad
+    old_logps: Tensor  # (B, T) behaviour policy (equals logps.detach() when on_policy)
+    on_policy: bool  # no optimizer step since the rollout: old_logps == logps.detach()
+    entropy: Tensor  # (B, T) training-pass entropy at the training temperature, with grad
+    advantages: Tensor  # (B, T)
+    mask: Tensor  # (B, T) float, 1.0 = token that counts in the loss
+    group_ids: Tensor  # (B,) long, global prompt index
+    weight: Tensor  # (B, T)
+    loss_type: str
+    epsilon_low: float
+    epsilon_high: float
+    importance_sampling_level: str
+    step: int
+    micro_step: int
+    seed: int
+    process_index: int
+    num_processes: int
+    gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
+    rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
+    rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
+    metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
+    _prefix: str = ""
+
+    def ppo_clipped(self) -> Tensor:
+        """Tokens whose PPO ratio is clipped (the clip term is the active one), (B, T) bool.
+
+        Same definition as TRL's ``clip_ratio/region_mean``: the ratio left [1-eps_low, 1+eps_high]
+        in the direction the advantage pushes it.
+        """
+        ratio = torch.exp(self.logps.detach() - self.old_logps)  # (B, T)
+        low = (ratio < 1 - self.epsilon_low) & (self.advantages < 0)
+        high = (ratio > 1 + self.epsilon_high) & (self.advantages > 0)
+        return (low | high) & (self.mask > 0)
+
+    def generator(self, salt: int = 0, per_process: bool = False) -> torch.Generator:
+        """A CPU generator seeded from (seed, step, micro-step, salt), optionally per process.
+
+        The same on every process unless ``per_process``: global selections then agree everywhere.
+        """
+        key = (self.seed, self.step, self.micro_step, salt, self.process_index if per_process else -1)
+        return torch.Generator().manual_seed(_stable_hash(key))
+
+    def log(self, name: str, value: float | Tensor, reduce: Literal["mean", "sum", "max", "min"] = "mean") -> None:
+        """Log ``<method>/<name>``; local values are reduced across processes with ``reduce``."""
+        value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+        self.metrics[f"{self._prefix}{name}"] = (value.reshape(()), reduce)
+
+
+@dataclass
+class TokenTerms:
+    """What a token-level hook returns; every field is optional.
+
+    - ``weight`` (B, T), >= 0: multiplies each token's policy-gradient term. It is folded into the
+      advantages, which is exact for every TRL loss type because each is linear in A for A scaled
+      by a non-negative factor. Normalisers are unchanged: a zero-weight token still counts.
+    - ``detach`` (B, T) bool: stops the gradient through the token's log-prob (policy-gradient and
+      KL terms); the loss value is unchanged.
+    - ``extra`` (B, T), with grad: an extra per-token loss term, masked and normalised with the same
+      ``loss_type`` normaliser TRL applies to the policy loss.
+    """
+
+    weight: Tensor | None = None
+    detach: Tensor | None = None
+    extra: Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method base class
+
+
+class Method:
+    """Base class: identity on every hook. Subclasses are ``@dataclass``es registered with ``@register``.
+
+    Class attributes:
+        name: the registry key (set by ``@register``).
+        needs: rollout statistics (subset of ``ROLLOUT_STATS``) the trainer must compute for it.
+
+    ``self.state`` holds whatever the method adapts over training. It must be JSON-serialisable,
+    is saved with every checkpoint and restored on resume, and must be updated only from global
+    (gathered) quantities so that it stays identical on every process.
+    """
+
+    name: ClassVar[str] = "method"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.state: dict[str, Any] = self.init_state()
+        self.validate()
+
+    # -- construction and checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`MethodConfigError` for out-of-range parameters (called on construction)."""
+
+    def check(self, args: Any) -> None:
+        """Raise :class:`MethodConfigError` if the trainer configuration cannot work with this method."""
+
+    def init_state(self) -> dict[str, Any]:
+        return {}
+
+    # -- hooks (identity by default) ----------------------------------------------------------------------
+    def configure(self, args: Any) -> None:
+        """Adjust the TRL configuration before the trainer is built (used to expose TRL's own features)."""
+
+    def rollout(self, ctx: RolloutContext, generate: GenerateFn) -> Rollout:
+        """Produce the batch's completions; call ``generate`` for the rows and temperatures you want."""
+        return generate(None, None)
+
+    def reward(self, rewards: Tensor, batch: RolloutBatch) -> Tensor:
+        """Reshape the scalar rewards, (N,) -> (N,). The difference is logged as ``rewards/<method>``."""
+        return rewards
+
+    def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
+        """Rescale or replace advantages: (N,) or (N, T) in, (N,) or (N, T) out."""
+        return advantages
+
+    def token_loss(self, batch: LossBatch) -> TokenTerms | None:
+        """Per-token weights, detach masks and extra loss terms for one loss micro-batch."""
+        return None
+
+    # -- introspection ------------------------------------------------------------------------------------
+    @classmethod
+    def hooks(cls) -> list[str]:
+        """The hooks this method overrides, in pipeline order."""
+        return [h for h in HOOKS if getattr(cls, h) is not getattr(Method, h)]
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    @classmethod
+    def from_config(cls, params: dict[str, Any]) -> Method:
+        """Build from a recipe entry (without its ``name``), checking names and types of parameters."""
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        hints = typing.get_type_hints(cls) if fields else {}
+        kwargs = {}
+        for key, value in params.items():
+            if key not in fields:
+                raise MethodConfigError(
+                    f"method '{cls.name}' has no parameter '{key}'.{closest(key, list(fields))} "
+                    f"Valid parameters: {', '.join(fields) or '(none)'}"
+                )
+            kwargs[key] = coerce(value, hints[key], f"{cls.name}.{key}", MethodConfigError)
+        try:
+            return cls(**kwargs)
+        except MethodConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise MethodConfigError(f"method '{cls.name}': {err}") from err
+
+
+def coerce(value: Any, annotation: Any, where: str, error: type[Exception] = ValueError) -> Any:
+    """Check ``value`` against a type annotation, widening int to float; raise ``error`` naming ``where``.
+
+    Handles the annotations recipes use: bool, int, float, str, Literal, Optional/Union, list, dict.
+    """
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where, error)
+            except error as err:  # type: ignore[misc]
+                errors.append(str(err))
+        raise error(f"{where}: {value!r} does not match {_type_name(annotation)}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise error(f"{where}: {value!r} is not one of {list(choices)}.{closest(str(value), [str(c) for c in choices])}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise error(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        return [coerce(v, item_type, f"{where}[{i}]", error) for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise error(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise error(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise error(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise error(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise error(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _stable_hash(key: tuple[int, ...]) -> int:
+    """FNV-1a over the integers of ``key``: a seed that never depends on the interpreter or the process."""
+    h = 1469598103934665603
+    for part in key:
+        for byte in int(part).to_bytes(8, "little", signed=True):
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h % (1 << 63)
+
+
+def build_method(entry: dict[str, Any]) -> Method:
+    """Build one method from a recipe entry ``{name: <registry key>, <param>: <value>, ...}``."""
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise MethodConfigError(f"each entry of `methods` needs a `name` key, got {entry!r}")
+    params = dict(entry)
+    name = params.pop("name")
+    try:
+        cls = METHODS.get(name)
+    except ValueError as err:
+        raise MethodConfigError(str(err)) from err
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise MethodConfigError(f"'{name}' is not a Method subclass")
+    return cls.from_config(params)

@@ -1,0 +1,180 @@
+"""Pipeline: the methods of one recipe, composed in list order.
+
+Composition rules (each is tested in ``tests/test_pipeline.py``):
+- rollout: the first listed method is outermost; each method's ``generate`` is the next method's
+  rollout, and the innermost one is the trainer's generation.
+- reward, advantage: folded left in list order, each method sees the previous one's output.
+- token_loss: weights multiply, detach masks are OR-ed, extra terms add; each method sees the
+  product of the weights returned before it in ``batch.weight``.
+- state: one JSON-serialisable dict per method, keyed by the method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rlvr_entropy.methods.base import (
+    GenerateFn,
+    LossBatch,
+    Method,
+    MethodConfigError,
+    Rollout,
+    RolloutBatch,
+    RolloutContext,
+    TokenTerms,
+    build_method,
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """A method produced NaN or inf; the message names the method and the hook."""
+
+
+class Pipeline:
+    """An ordered, named chain of methods. ``Pipeline([])`` is the identity (plain GRPO)."""
+
+    def __init__(self, methods: Iterable[Method]) -> None:
+        self.methods = list(methods)
+        names = [m.name for m in self.methods]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise MethodConfigError(f"methods listed twice in one recipe: {', '.join(duplicates)}")
+
+    @classmethod
+    def from_config(cls, entries: list[dict[str, Any]] | None) -> Pipeline:
+        return cls(build_method(e) for e in entries or [])
+
+    def __len__(self) -> int:
+        return len(self.methods)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.methods]
+
+    @property
+    def needs(self) -> frozenset[str]:
+        out: set[str] = set()
+        for m in self.methods:
+            out |= m.needs
+        return frozenset(out)
+
+    def uses(self, hook: str) -> bool:
+        return any(hook in m.hooks() for m in self.methods)
+
+    def _with(self, hook: str) -> list[Method]:
+        return [m for m in self.methods if hook in m.hooks()]
+
+    # -- configuration --------------------------------------------------------------------------------------
+    def configure(self, args: Any) -> None:
+        for m in self._with("configure"):
+            m.configure(args)
+
+    def check(self, args: Any) -> None:
+        for m in self.methods:
+            m.check(args)
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def rollout(self, ctx: RolloutContext, generate: GenerateFn) -> Rollout:
+        chain = generate
+        for m in reversed(self._with("rollout")):
+            chain = _bind_rollout(m, ctx, chain)
+        rollout = chain(None, None)
+        if len(rollout) != len(ctx.prompt_ids):
+            raise ValueError(f"rollout hooks returned {len(rollout)} completions for {len(ctx.prompt_ids)} prompts")
+        return rollout
+
+    def reward(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """Run the reward hooks; return each method's additive reward column, (N,) per method."""
+        rewards = batch.weighted_rewards()  # (N,)
+        columns: dict[str, Tensor] = {}
+        for m in self._with("reward"):
+            batch._prefix = f"{m.name}/"
+            shaped = m.reward(rewards.clone(), batch)
+            _check_finite(shaped, rewards, m, "reward")
+            columns[m.name] = shaped - rewards
+            rewards = shaped
+        batch._prefix = ""
+        return columns
+
+    def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
+        for m in self._with("advantage"):
+            batch._prefix = f"{m.name}/"
+            out = m.advantage(advantages.clone(), batch)
+            if out.shape[0] != advantages.shape[0] or out.dim() not in (1, 2):
+                raise ValueError(f"method '{m.name}' advantage hook returned shape {tuple(out.shape)}")
+            _check_finite(out if out.dim() == 1 else out * batch.mask, None, m, "advantage")
+            advantages = out
+        batch._prefix = ""
+        return advantages
+
+    def token_loss(self, batch: LossBatch) -> TokenTerms:
+        weight: Tensor | None = None
+        detach: Tensor | None = None
+        extra: Tensor | None = None
+        for m in self._with("token_loss"):
+            batch._prefix = f"{m.name}/"
+            batch.weight = torch.ones_like(batch.mask) if weight is None else weight
+            terms = m.token_loss(batch)
+            if terms is None:
+                continue
+            shape = tuple(batch.mask.shape)
+            for label, t in (("weight", terms.weight), ("detach", terms.detach), ("extra", terms.extra)):
+                if t is not None and tuple(t.shape) != shape:
+                    raise ValueError(f"method '{m.name}' returned {label} of shape {tuple(t.shape)}, expected {shape}")
+            if terms.weight is not None:
+                w = terms.weight.detach()
+                _check_finite(w * batch.mask, None, m, "token weight")
+                if bool((w < 0).any()):
+                    raise ValueError(f"method '{m.name}' returned negative token weights")
+                weight = w if weight is None else weight * w
+            if terms.detach is not None:
+                d = terms.detach.bool()
+                detach = d if detach is None else detach | d
+            if terms.extra is not None:
+                _check_finite(terms.extra.detach() * batch.mask, None, m, "extra loss term")
+                extra = terms.extra if extra is None else extra + terms.extra
+        batch._prefix = ""
+        return TokenTerms(weight=weight, detach=detach, extra=extra)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {m.name: dict(m.state) for m in self.methods}
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        missing = [m.name for m in self.methods if m.name not in states]
+        extra = [n for n in states if n not in self.names]
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint method states do not match the recipe: missing {missing}, unexpected {extra}"
+            )
+        for m in self.methods:
+            m.state = dict(states[m.name])
+
+
+def _bind_rollout(method: Method, ctx: RolloutContext, inner: GenerateFn) -> GenerateFn:
+    def generate(rows: list[int] | None = None, temperature: float | None = None) -> Rollout:
+        if rows is None and temperature is None:
+            ctx._prefix = f"{method.name}/"
+            out = method.rollout(ctx, inner)
+            ctx._prefix = ""
+            return out
+        # A sub-request from an outer method goes straight to the inner chain: rollout hooks shape
+        # the batch as a whole, and re-running them on a subset would apply them twice.
+        return inner(rows, temperature)
+
+    return generate
+
+
+def _check_finite(value: Tensor, reference: Tensor | None, method: Method, hook: str) -> None:
+    """Raise if ``value`` has NaN/inf where ``reference`` (if given) is finite."""
+    bad = ~torch.isfinite(value)
+    if reference is not None:
+        bad &= torch.isfinite(reference)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        raise NonFiniteError(f"method '{method.name}' produced {count} non-finite value(s) in its {hook} hook")
+
