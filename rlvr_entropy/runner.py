@@ -1,0 +1,152 @@
+"""From a recipe to a trainer: resolve the model, load the data, check the rewards, train.
+
+The offline tiny world (``model.name_or_path: tiny`` and a synthetic ``data.task``) and hub models or
+datasets go through the same functions; only where the files come from differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, load_dataset
+from transformers import AutoTokenizer
+
+from rlvr_entropy.config import DataSpec, ModelSpec, Recipe, RecipeError, recipe_to_yaml
+from rlvr_entropy.trainer import EntropyGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., list[float | None]]
+
+# Keyword arguments TRL passes to every reward function besides the dataset columns.
+TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
+
+
+class RewardFunctionError(RecipeError):
+    """A reward function broke its contract (wrong number or type of values)."""
+
+
+def resolve_model(spec: ModelSpec) -> str:
+    """A loadable model directory or hub id; ``tiny`` builds (or reuses) the cached offline model."""
+    if spec.name_or_path == "tiny":
+        from rlvr_entropy.tiny import build_tiny_model
+
+        return str(build_tiny_model(**spec.tiny))
+    if spec.tiny:
+        raise RecipeError("model.tiny settings apply only to model.name_or_path: tiny")
+    return spec.name_or_path
+
+
+def load_data(spec: DataSpec) -> Dataset:
+    """The training prompts: a synthetic task, or a dataset with its columns renamed to prompt/answer."""
+    if spec.dataset is not None:
+        dataset = load_dataset(spec.dataset, spec.config_name, split=spec.split)
+        rename = {spec.prompt_column: "prompt", spec.answer_column: "answer"}
+        for old, new in rename.items():
+            if old != new and old in dataset.column_names:
+                dataset = dataset.rename_column(old, new)
+    elif spec.task is not None:
+        from rlvr_entropy.tasks import make_dataset
+
+        try:
+            dataset = make_dataset(spec.task, spec.num_prompts, spec.seed)
+        except ValueError as err:
+            raise RecipeError(f"data.task: {err}") from err
+    else:
+        raise RecipeError("data needs either `task` (a synthetic task) or `dataset` (a hub id or local path)")
+    if spec.max_rows is not None:
+        dataset = dataset.select(range(min(spec.max_rows, len(dataset))))
+    if len(dataset) == 0:
+        raise RecipeError(f"the training dataset is empty ({spec.dataset or spec.task})")
+    if "prompt" not in dataset.column_names:
+        raise RecipeError(
+            f"the dataset has no prompt column '{spec.prompt_column}'; columns: {dataset.column_names}. "
+            "Set data.prompt_column."
+        )
+    return dataset
+
+
+def required_columns(func: RewardFn) -> set[str]:
+    """Dataset columns a reward function names as parameters (explicitly or via ``required_columns``)."""
+    declared = getattr(func, "required_columns", None)
+    if declared is not None:
+        return set(declared)
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in TRL_REWARD_KWARGS
+    }
+
+
+def checked_reward(func: RewardFn) -> RewardFn:
+    """Wrap a reward function so a contract violation names the function and what it returned."""
+    if inspect.iscoroutinefunction(func):
+        return func  # TRL checks async results itself
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> list[float | None]:
+        out = func(*args, **kwargs)
+        expected = len(kwargs.get("prompts", args[0] if args else []))
+        name = getattr(func, "__name__", repr(func))
+        if not isinstance(out, list | tuple):
+            raise RewardFunctionError(f"reward function '{name}' returned {type(out).__name__}, expected a list of floats")
+        if len(out) != expected:
+            raise RewardFunctionError(
+                f"reward function '{name}' returned {len(out)} values for {expected} completions; "
+                "it must return one float (or None) per completion"
+            )
+        bad = [v for v in out if v is not None and not isinstance(v, int | float)]
+        if bad:
+            raise RewardFunctionError(f"reward function '{name}' returned non-numeric values such as {bad[0]!r}")
+        return list(out)
+
+    return wrapper
+
+
+def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
+    from rlvr_entropy.tasks.rewards import get_reward
+
+    funcs = []
+    for name in names:
+        try:
+            func = get_reward(name)
+        except ValueError as err:
+            raise RecipeError(f"rewards: {err}") from err
+        missing = sorted(required_columns(func) - set(dataset.column_names))
+        if missing:
+            raise RecipeError(
+                f"reward function '{name}' needs dataset column(s) {missing}, but the dataset has {dataset.column_names}"
+            )
+        funcs.append(checked_reward(func))
+    return funcs
+
+
+def build_trainer(recipe: Recipe) -> EntropyGRPOTrainer:
+    model_path = resolve_model(recipe.model)
+    dataset = load_data(recipe.data)
+    rewards = reward_functions(recipe.rewards, dataset)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return EntropyGRPOTrainer(
+        model=model_path, reward_funcs=rewards, args=recipe.train, train_dataset=dataset, processing_class=tokenizer
+    )
+
+
+def train(recipe: Recipe) -> EntropyGRPOTrainer:
+    trainer = build_trainer(recipe)
+    if trainer.accelerator.is_main_process:  # what produced this run, for plots and reruns
+        output_dir = Path(recipe.train.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
+    if recipe.train.save_strategy != "no":
+        trainer.save_model()
+    return trainer

@@ -1,0 +1,178 @@
+"""The hooks reach TRL's loss as documented: weights, detach, extra terms, advantages and rewards.
+
+Toy methods are referenced by import path (``test_trainer_hooks.Scale``), as out-of-tree methods are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_parity import generate, loss_and_grads, model_dir, partial_credit  # noqa: F401 (fixture)
+from transformers import AutoTokenizer, set_seed
+from trainer_utils import cpu_args, prompt_rows
+
+from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
+from rlvr_entropy.methods import Method, TokenTerms
+from rlvr_entropy.tasks import make_dataset
+from rlvr_entropy.tasks.rewards import correctness
+
+
+@dataclass
+class HalfWeight(Method):
+    name = "half_weight"
+
+    def token_loss(self, batch):
+        batch.log("mean_weight", 0.5)
+        return TokenTerms(weight=torch.full_like(batch.mask, 0.5))
+
+
+@dataclass
+class DetachAll(Method):
+    name = "detach_all"
+
+    def token_loss(self, batch):
+        return TokenTerms(detach=torch.ones_like(batch.mask, dtype=torch.bool))
+
+
+@dataclass
+class UnclippedPG(Method):
+    """Extra term equal to the unclipped importance-weighted policy gradient term."""
+
+    name = "unclipped_pg"
+
+    def token_loss(self, batch):
+        return TokenTerms(extra=-batch.advantages * torch.exp(batch.logps - batch.old_logps))
+
+
+@dataclass
+class DoubleAdvantage(Method):
+    name = "double_advantage"
+
+    def advantage(self, advantages, batch):
+        batch.log("groups", float(batch.group_ids.max() + 1))
+        return advantages * 2
+
+
+@dataclass
+class PerTokenAdvantage(Method):
+    name = "per_token_advantage"
+
+    def advantage(self, advantages, batch):
+        return advantages.unsqueeze(1) * batch.mask  # (N, T)
+
+
+@dataclass
+class LengthPenalty(Method):
+    name = "length_penalty"
+    needs = frozenset({"entropy", "logps"})
+
+    def reward(self, rewards, batch):
+        assert batch.entropy is not None and batch.logps is not None
+        return rewards - 0.1 * batch.lengths
+
+
+def build(model_dir, tmp_path, methods, **overrides):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    set_seed(0)
+    trainer = EntropyGRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=[correctness, partial_credit],
+        args=EntropyGRPOConfig(**cpu_args(tmp_path, methods=methods, **overrides)),
+        train_dataset=make_dataset("arithmetic", 16, 0),
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def path(cls):
+    return {"name": f"test_trainer_hooks.{cls.__name__}"}
+
+
+def off_policy(trainer, out):
+    with torch.no_grad():
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, out["completion_ids"].size(1))
+    out["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(1))
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "cispo", "sapo"])
+def test_weight_scales_policy_loss_and_gradients(model_dir, tmp_path, loss_type):
+    base = build(model_dir, tmp_path, [], loss_type=loss_type)
+    half = build(model_dir, tmp_path, [path(HalfWeight)], loss_type=loss_type)
+    rows = prompt_rows(2, 4)
+    out = off_policy(base, generate(base, rows))
+    b_loss, b_grads = loss_and_grads(base, dict(out))
+    h_loss, h_grads = loss_and_grads(half, dict(out))
+    assert h_loss.item() == pytest.approx(0.5 * b_loss.item(), abs=1e-6)
+    for name, g in b_grads.items():
+        assert torch.allclose(h_grads[name], 0.5 * g, atol=1e-6), name
+    assert half._metrics["train"]["half_weight/mean_weight"] == [0.5]
+    assert out["advantages"].dim() == 1  # the buffered batch keeps its own advantages
+
+
+def test_detach_keeps_loss_and_zeroes_gradients(model_dir, tmp_path):
+    base = build(model_dir, tmp_path, [])
+    detached = build(model_dir, tmp_path, [path(DetachAll)])
+    out = off_policy(base, generate(base, prompt_rows(2, 4)))
+    b_loss, _ = loss_and_grads(base, dict(out))
+    d_loss, d_grads = loss_and_grads(detached, dict(out))
+    assert d_loss.item() == pytest.approx(b_loss.item(), abs=1e-7)
+    assert all(torch.count_nonzero(g) == 0 for g in d_grads.values())
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "luspo"])
+def test_extra_term_uses_the_loss_type_normaliser(model_dir, tmp_path, loss_type):
+    # With clipping disabled TRL's per-token loss is -A * ratio, so adding the same term doubles it.
+    kwargs = dict(loss_type=loss_type, epsilon=10.0, epsilon_high=10.0)
+    base = build(model_dir, tmp_path, [], **kwargs)
+    extra = build(model_dir, tmp_path, [path(UnclippedPG)], **kwargs)
+    out = off_policy(base, generate(base, prompt_rows(2, 4)))
+    b_loss, b_grads = loss_and_grads(base, dict(out))
+    e_loss, e_grads = loss_and_grads(extra, dict(out))
+    assert e_loss.item() == pytest.approx(2 * b_loss.item(), rel=1e-5, abs=1e-7)
+    for name, g in b_grads.items():
+        assert torch.allclose(e_grads[name], 2 * g, atol=1e-6), name
+
+
+def test_advantage_hook_sees_global_batch_and_feeds_the_loss(model_dir, tmp_path):
+    base = build(model_dir, tmp_path, [])
+    doubled = build(model_dir, tmp_path, [path(DoubleAdvantage)])
+    rows = prompt_rows(2, 4)
+    b_out, d_out = generate(base, rows), generate(doubled, rows)
+    assert torch.allclose(d_out["advantages"], 2 * b_out["advantages"])
+    assert doubled._metrics["train"]["double_advantage/groups"] == [2.0]
+    assert torch.equal(d_out["group_ids"], torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert list(doubled._logs["advantages"])[-8:] == pytest.approx(d_out["advantages"].tolist())
+
+
+def test_per_token_advantages_reach_the_loss(model_dir, tmp_path):
+    base = build(model_dir, tmp_path, [])
+    per_token = build(model_dir, tmp_path, [path(PerTokenAdvantage)])
+    rows = prompt_rows(2, 4)
+    b_out, t_out = generate(base, rows), generate(per_token, rows)
+    assert t_out["advantages"].shape == t_out["completion_ids"].shape
+    b_loss, b_grads = loss_and_grads(base, b_out)
+    t_loss, t_grads = loss_and_grads(per_token, t_out)
+    assert t_loss.item() == pytest.approx(b_loss.item(), abs=1e-6)  # masked positions never count
+    for name, g in b_grads.items():
+        assert torch.allclose(t_grads[name], g, atol=1e-6), name
+
+
+def test_reward_hook_adds_a_logged_column(model_dir, tmp_path):
+    base = build(model_dir, tmp_path, [])
+    shaped = build(model_dir, tmp_path, [path(LengthPenalty)])
+    rows = prompt_rows(2, 4)
+    b_out, s_out = generate(base, rows), generate(shaped, rows)
+    assert shaped.reward_func_names == ["correctness", "partial_credit", "length_penalty"]
+    lengths = s_out["completion_mask"].sum(1).float()
+    assert shaped._metrics["train"]["rewards/length_penalty/mean"] == [pytest.approx(-0.1 * lengths.mean().item())]
+    assert shaped._metrics["train"]["reward"][0] == pytest.approx(base._metrics["train"]["reward"][0] - 0.1 * lengths.mean().item(), abs=1e-5)
+    # rollout entropy was computed for the method (and logged); no rollout keys reach the loss unless needed
+    assert "rollout_entropy/mean" in shaped._metrics["train"]
+    assert "rollout_entropy" in s_out and "rollout_logps" in s_out
