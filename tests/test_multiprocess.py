@@ -1,0 +1,39 @@
+"""Two CPU processes (torchrun, gloo): groups that span processes are gathered, computed once, sliced back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_parity import model_dir  # noqa: F401 (fixture)
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_groups_spanning_processes(model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(HERE / "multiproc_worker.py"), str(model_dir), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    # Both ranks ran the method on the same global batch and hold the same state.
+    assert r0["record"] == r1["record"]
+    assert r0["state"] == r1["state"] and r0["state"]["group_centre"]["calls"] == 1
+    assert r0["record"]["group_ids"] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert r0["record"]["entropy_rows"] == 12
+    # Each rank kept its own slice of the globally computed advantages.
+    assert r0["local_advantages"] + r1["local_advantages"] == pytest.approx(r0["record"]["global_out"])
+    assert r0["group_ids"] + r1["group_ids"] == r0["record"]["group_ids"]
+    # Group 1 spans the ranks and is centred as a whole.
+    assert sum(r0["record"]["global_out"][4:8]) == pytest.approx(0.0, abs=1e-5)
+    # Loss-phase metrics are reduced across processes ("sum" of local token counts).
+    assert r0["metrics"]["log_tokens/tokens"] == [r0["local_tokens"] + r1["local_tokens"]]
+    assert r0["metrics"]["rollout_entropy/mean"] == r1["metrics"]["rollout_entropy/mean"]
