@@ -18,6 +18,7 @@ method names fail before anything is built, naming the closest valid key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,19 @@ from typing import Any, Literal
 import yaml
 from trl import GRPOConfig
 
+from rlvr_entropy.losses import LOSS_TYPES
 from rlvr_entropy.methods.base import MethodConfigError, coerce
 from rlvr_entropy.methods.pipeline import Pipeline
 from rlvr_entropy.registry import closest
+
+
+# Closed sets of values for TRL options that TRL itself validates only mid-run.
+CHOICES: dict[str, tuple] = {
+    "loss_type": LOSS_TYPES,
+    "importance_sampling_level": ("token", "sequence"),
+    "scale_rewards": ("group", "batch", "none", True, False),
+    "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+}
 
 
 class RecipeError(ValueError):
@@ -76,6 +87,13 @@ class EntropyGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"rollout_stats_source must be 'auto', 'generate' or 'forward', got {self.rollout_stats_source!r}"
             )
+        # TRL checks these only when the first loss is computed, after a whole generation batch.
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(
+                    f"{name}={value!r} is not one of {list(choices)}.{closest(str(value), [str(c) for c in choices])}"
+                )
         # Build the methods once here so that a bad entry fails before TRL does any work, and so that
         # methods exposing TRL features can set TRL fields before GRPOConfig validates them.
         pipeline = Pipeline.from_config(self.methods)
@@ -110,6 +128,7 @@ class Recipe:
     rewards: list[str]
     train: EntropyGRPOConfig
     source: str | None = None
+    train_keys: list[str] = field(default_factory=list)  # training fields the recipe sets explicitly
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec}
@@ -143,6 +162,8 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
             node = node[_list_index(part, node, where)]
         else:
             if part not in node or node[part] is None:
+                if parts[i + 1].isdigit():
+                    raise RecipeError(f"override '{dotted}': index {parts[i + 1]} is out of range ('{where}' is empty)")
                 node[part] = {}
             node = node[part]
         if not isinstance(node, dict | list):
@@ -204,7 +225,9 @@ def build_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
         raise RecipeError(f"{where}{err}") from err
     except ValueError as err:
         raise RecipeError(f"{where}invalid configuration: {err}") from err
-    return Recipe(model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source)
+    return Recipe(
+        model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source, train_keys=list(kwargs)
+    )
 
 
 def _build_section(cls: type, values: Any, name: str, where: str) -> Any:
@@ -221,19 +244,16 @@ def _build_section(cls: type, values: Any, name: str, where: str) -> Any:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The fully resolved recipe: sections plus every training field that differs from the defaults."""
-    defaults = EntropyGRPOConfig.__dataclass_fields__
+    """The resolved recipe: every section with its defaults filled in, plus the training fields it sets."""
     train = {}
-    for name in train_fields():
-        value = getattr(recipe.train, name)
-        default = defaults[name]
-        default_value = default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
-        if value != default_value and not name.startswith("_"):
-            train[name] = value if isinstance(value, int | float | str | bool | list | dict | type(None)) else str(value)
+    for name in recipe.train_keys:
+        # JSON round trip: str-valued enums become plain strings, anything exotic its str()
+        train[name] = json.loads(json.dumps(getattr(recipe.train, name), default=str))
     tree = {
         "model": dataclasses.asdict(recipe.model),
         "data": dataclasses.asdict(recipe.data),
         "rewards": recipe.rewards,
-        **train,
+        "methods": recipe.train.methods,
+        **{k: v for k, v in train.items() if k != "methods"},
     }
     return yaml.safe_dump(tree, sort_keys=False)
