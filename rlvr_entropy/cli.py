@@ -1,4 +1,4 @@
-"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods, plot runs.
+"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods, plot runs, evaluate.
 
 Works the same under ``torchrun`` / ``accelerate launch``: ``torchrun --nproc_per_node 2 -m rlvr_entropy
 train RECIPE.yaml``.
@@ -47,6 +47,18 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from rlvr_entropy.runner import resolve_model
+    from rlvr_entropy.config import ModelSpec
+    from rlvr_entropy.tiny import evaluate_accuracy
+
+    model = resolve_model(ModelSpec(name_or_path=args.model))
+    for temperature in args.temperature:
+        acc = evaluate_accuracy(model, args.task, args.num_prompts, temperature=temperature, seed=args.seed)
+        print(f"{args.model}: {args.task} accuracy {acc:.3f} ({args.num_prompts} held-out prompts, temperature {temperature})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlvr-entropy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", default="curves.png")
     p.set_defaults(func=_plot)
+    p = sub.add_parser("evaluate", help="sampling accuracy of a model (a run directory, or 'tiny') on a synthetic task")
+    p.add_argument("model")
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
 
     from rlvr_entropy.config import RecipeError

@@ -147,6 +147,5 @@ def train(recipe: Recipe) -> EntropyGRPOTrainer:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
-    if recipe.train.save_strategy != "no":
-        trainer.save_model()
+    trainer.save_model()  # the final policy (and tokenizer) in output_dir, whatever the checkpoint strategy
     return trainer

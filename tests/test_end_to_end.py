@@ -1,0 +1,136 @@
+"""Short real runs on the offline tiny model: weights change, entropy is logged, files land on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlvr_entropy.cli import main
+from rlvr_entropy.config import load_recipe
+from rlvr_entropy.methods import Method
+from rlvr_entropy.plotting import plot_runs, read_metrics
+from rlvr_entropy.runner import train
+
+RECIPE = Path(__file__).parent.parent / "recipes" / "tiny" / "grpo.yaml"
+FAST = ["max_steps=3", "per_device_train_batch_size=16", "num_generations=4", "data.num_prompts=64", "learning_rate=1e-3"]
+
+
+@dataclass
+class CountSteps(Method):
+    """Adaptive toy method: counts generation batches in its checkpointed state."""
+
+    name = "count_steps"
+    needs = frozenset({"entropy"})
+
+    def init_state(self):
+        return {"batches": 0, "last_entropy": None}
+
+    def advantage(self, advantages, batch):
+        if batch.training:
+            self.state["batches"] += 1
+            self.state["last_entropy"] = float(batch.mean_entropy().mean())
+        batch.log("batches", self.state["batches"])
+        return advantages
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next(directory.glob("*.safetensors"))))
+
+
+def test_tiny_run_changes_weights_and_logs_entropy(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    trainer = train(load_recipe(RECIPE, [*FAST, f"output_dir={out}"]))
+    before, after = weights(Path(tiny_model_path)), weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "training did not change any weight"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        for key in ("loss", "reward", "entropy", "entropy/p10", "entropy/p50", "entropy/p90",
+                    "rollout_entropy/mean", "rollout_entropy/p50", "completions/mean_length"):
+            assert isinstance(row.get(key), float), (key, row)
+        assert row["entropy/p10"] <= row["entropy/p50"] <= row["entropy/p90"]
+        assert row["rollout_entropy/p10"] <= row["rollout_entropy/p50"] <= row["rollout_entropy/p90"]
+    # on the first step the rollout and the training pass score the same policy on the same tokens
+    assert rows[0]["rollout_entropy/mean"] == pytest.approx(rows[0]["entropy"], abs=1e-4)
+    assert (out / "recipe.yaml").is_file()
+    assert trainer.pipeline.names == []
+    png = plot_runs([out], tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_method_state_is_checkpointed_and_restored(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    method = "methods=[{name: test_end_to_end.CountSteps}]"
+    train(load_recipe(RECIPE, [*FAST, method, f"output_dir={out}", "save_strategy=steps", "save_steps=2"]))
+    saved = json.loads((out / "checkpoint-2" / "rlvr_entropy_state.json").read_text())
+    assert saved["methods"]["count_steps"]["batches"] == 2
+    rows = read_metrics(out)
+    assert [r["count_steps/batches"] for r in rows] == [1.0, 2.0, 3.0]
+
+    resumed_dir = tmp_path / "resumed"
+    trainer = train(load_recipe(RECIPE, [
+        *FAST, method, f"output_dir={resumed_dir}", f"resume_from_checkpoint={out / 'checkpoint-2'}",
+    ]))
+    # restored 2 batches from the checkpoint, then one more step
+    assert trainer.pipeline.methods[0].state["batches"] == 3
+    assert read_metrics(resumed_dir)[-1]["count_steps/batches"] == 3.0
+
+
+def test_tensorboard_receives_the_same_scalars(tiny_model_path, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    out = tmp_path / "run"
+    train(load_recipe(RECIPE, [*FAST, "max_steps=2", f"output_dir={out}", "report_to=[tensorboard]"]))
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("entropy", "entropy/p50", "rollout_entropy/mean", "reward"):
+        assert f"train/{key}" in tags, sorted(tags)
+    jsonl = read_metrics(out)
+    assert acc.Scalars("train/entropy")[-1].value == pytest.approx(jsonl[-1]["entropy"], rel=1e-5)
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys):
+    assert main(["train", str(RECIPE), "max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'max_stepz'. Did you mean 'max_steps'" in err and "Traceback" not in err
+
+
+def test_cli_methods_lists_every_registered_method(capsys):
+    from rlvr_entropy.methods import METHODS
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert name in out
+
+
+def test_reward_function_contract_violation_is_named(tiny_model_path, tmp_path):
+    from rlvr_entropy.config import RecipeError
+
+    with pytest.raises(RecipeError, match="'short_reward' returned 1 values for 16 completions"):
+        train(load_recipe(RECIPE, [*FAST, "rewards=[test_end_to_end.short_reward]", f"output_dir={tmp_path}"]))
+
+
+def short_reward(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def test_missing_dataset_column_is_reported(tiny_model_path, tmp_path):
+    from rlvr_entropy.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"needs dataset column\(s\) \['difficulty'\]"):
+        train(load_recipe(RECIPE, [*FAST, "rewards=[test_end_to_end.needs_difficulty]", f"output_dir={tmp_path}"]))
+
+
+def needs_difficulty(prompts, completions, difficulty, **kwargs):
+    return [0.0] * len(prompts)
