@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
 
@@ -21,6 +22,7 @@ from rlvr_entropy.trainer import EntropyGRPOTrainer
 
 logger = logging.getLogger(__name__)
 
+LOCAL_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 RewardFn = Callable[..., list[float | None]]
 
 # Keyword arguments TRL passes to every reward function besides the dataset columns.
@@ -36,7 +38,9 @@ def resolve_model(spec: ModelSpec) -> str:
     if spec.name_or_path == "tiny":
         from rlvr_entropy.tiny import build_tiny_model
 
-        return str(build_tiny_model(**spec.tiny))
+        # Under torchrun every rank gets here: the main process builds, the others then find the cache.
+        with PartialState().main_process_first():
+            return str(build_tiny_model(**spec.tiny))
     if spec.tiny:
         raise RecipeError("model.tiny settings apply only to model.name_or_path: tiny")
     return spec.name_or_path
@@ -45,7 +49,11 @@ def resolve_model(spec: ModelSpec) -> str:
 def load_data(spec: DataSpec) -> Dataset:
     """The training prompts: a synthetic task, or a dataset with its columns renamed to prompt/answer."""
     if spec.dataset is not None:
-        dataset = load_dataset(spec.dataset, spec.config_name, split=spec.split)
+        suffix = Path(spec.dataset).suffix.lstrip(".")
+        if suffix in LOCAL_FORMATS and Path(spec.dataset).is_file():  # a local file: json/jsonl/csv/parquet
+            dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=spec.dataset, split="train")
+        else:
+            dataset = load_dataset(spec.dataset, spec.config_name, split=spec.split)
         rename = {spec.prompt_column: "prompt", spec.answer_column: "answer"}
         for old, new in rename.items():
             if old != new and old in dataset.column_names:

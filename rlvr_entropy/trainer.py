@@ -65,6 +65,7 @@ from rlvr_entropy.registry import Registry
 from rlvr_entropy.rollout_stats import GenerationRecorder, find_marker, masked_quantiles, pad_rows
 
 STATE_FILE = "rlvr_entropy_state.json"
+CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
 QUANTILES = (0.1, 0.5, 0.9)
 
 
@@ -448,6 +449,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 output["advantages"] = advantages[local]
                 shown = advantages
             self._replace_logged_advantages(shown)
+        for key, value in batch.carried.items():  # per-method tensors for the loss hooks
+            mine = value[local]
+            if mine.dim() >= 2:
+                mine = torch.nn.functional.pad(mine[:, :width], (0, width - min(width, mine.size(1))))
+            output[f"{CARRY_PREFIX}{key}"] = mine
         self._log_global(batch.metrics)
         return output
 
@@ -518,6 +524,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             gather=self._gather_padded,
             rollout_entropy=inputs.get("rollout_entropy"),
             rollout_logps=inputs.get("rollout_logps"),
+            carried={k[len(CARRY_PREFIX) :]: v for k, v in inputs.items() if k.startswith(CARRY_PREFIX)},
         )
         terms = self.pipeline.token_loss(batch)
         call.metrics = batch.metrics

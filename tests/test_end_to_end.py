@@ -134,3 +134,27 @@ def test_missing_dataset_column_is_reported(tiny_model_path, tmp_path):
 
 def needs_difficulty(prompts, completions, difficulty, **kwargs):
     return [0.0] * len(prompts)
+
+
+def test_local_dataset_file_with_renamed_columns(tmp_path):
+    from rlvr_entropy.config import DataSpec
+    from rlvr_entropy.runner import load_data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "1+2=", "solution": "3"}\n{"question": "5-1=", "solution": "4"}\n')
+    ds = load_data(DataSpec(task=None, dataset=str(path), prompt_column="question", answer_column="solution"))
+    assert ds.column_names == ["prompt", "answer"] and ds[1] == {"prompt": "5-1=", "answer": "4"}
+
+
+def test_dataset_problems_are_reported(tmp_path):
+    from rlvr_entropy.config import DataSpec, RecipeError
+    from rlvr_entropy.runner import load_data
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "1+2=", "solution": "3"}\n')
+    with pytest.raises(RecipeError, match="no prompt column 'prompt'.*question"):
+        load_data(DataSpec(task=None, dataset=str(path)))
+    with pytest.raises(RecipeError, match="empty"):
+        load_data(DataSpec(task="arithmetic", num_prompts=0))
+    with pytest.raises(RecipeError, match="data.task"):
+        load_data(DataSpec(task="calculus"))

@@ -176,3 +176,47 @@ def test_reward_hook_adds_a_logged_column(model_dir, tmp_path):
     # rollout entropy was computed for the method (and logged); no rollout keys reach the loss unless needed
     assert "rollout_entropy/mean" in shaped._metrics["train"]
     assert "rollout_entropy" in s_out and "rollout_logps" in s_out
+
+
+@dataclass
+class CarryFirstToken(Method):
+    """Marks each completion's first token in the advantage hook; zero-weights it in the loss hook."""
+
+    name = "carry_first_token"
+
+    def advantage(self, advantages, batch):
+        first = torch.zeros_like(batch.mask)
+        first[:, 0] = 1.0
+        batch.carry("first", first)
+        batch.carry("row", torch.arange(batch.mask.size(0)))
+        return advantages
+
+    def token_loss(self, batch):
+        first = batch.carried_value("first")
+        assert first.shape == batch.mask.shape
+        batch.log("rows_seen", batch.carried_value("row").numel(), reduce="sum")
+        return TokenTerms(weight=1.0 - first)
+
+
+@dataclass
+class ZeroFirstToken(Method):
+    name = "zero_first_token"
+
+    def token_loss(self, batch):
+        w = torch.ones_like(batch.mask)
+        w[:, 0] = 0.0
+        return TokenTerms(weight=w)
+
+
+def test_carried_tensors_follow_rows_into_the_loss(model_dir, tmp_path):
+    carrying = build(model_dir, tmp_path, [path(CarryFirstToken)])
+    direct = build(model_dir, tmp_path, [path(ZeroFirstToken)])
+    rows = prompt_rows(2, 4)
+    c_out, d_out = generate(carrying, rows), generate(direct, rows)
+    assert "carry/carry_first_token/first" in c_out
+    c_out = off_policy(carrying, c_out)
+    d_out["old_per_token_logps"] = c_out["old_per_token_logps"].clone()
+    c_loss, c_grads = loss_and_grads(carrying, c_out)
+    d_loss, d_grads = loss_and_grads(direct, d_out)
+    assert c_loss.item() == pytest.approx(d_loss.item(), abs=1e-7)
+    assert carrying._metrics["train"]["carry_first_token/rows_seen"] == [8.0]

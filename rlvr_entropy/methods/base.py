@@ -130,6 +130,7 @@ class RolloutBatch:
     answers: list[str | None] | None = None
     phases: Tensor | None = None  # (N,) position of the first thinking-end marker, -1 if absent
     metrics: dict[str, float] = field(default_factory=dict)
+    carried: dict[str, Tensor] = field(default_factory=dict)
     _prefix: str = ""
 
     @property
@@ -164,6 +165,16 @@ class RolloutBatch:
         """Log a statistic as ``<method>/<name>`` (values are global already: no reduction needed)."""
         self.metrics[f"{self._prefix}{name}"] = float(value)
 
+    def carry(self, name: str, value: Tensor) -> None:
+        """Hand a per-sample (N, ...) or per-token (N, T) tensor to this method's ``token_loss``.
+
+        Each process keeps its own rows; the tensor then follows TRL's shuffling and splitting, and
+        the loss hook reads it with ``LossBatch.carried_value(name)``.
+        """
+        if value.dim() == 0 or value.size(0) != self.mask.size(0):
+            raise ValueError(f"carry('{name}') needs one row per sample ({self.mask.size(0)}), got {tuple(value.shape)}")
+        self.carried[f"{self._prefix}{name}"] = value.detach()
+
 
 @dataclass
 class LossBatch:
@@ -194,8 +205,16 @@ class LossBatch:
     gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
     rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
     rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
+    carried: dict[str, Tensor] = field(default_factory=dict)  # from RolloutBatch.carry, this micro-batch's rows
     metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
     _prefix: str = ""
+
+    def carried_value(self, name: str) -> Tensor:
+        """What this method's reward or advantage hook passed on with ``RolloutBatch.carry(name, ...)``."""
+        key = f"{self._prefix}{name}"
+        if key not in self.carried:
+            raise KeyError(f"nothing carried under '{key}': call batch.carry('{name}', ...) in an earlier hook")
+        return self.carried[key]
 
     def ppo_clipped(self) -> Tensor:
         """Tokens whose PPO ratio is clipped (the clip term is the active one), (B, T) bool.
