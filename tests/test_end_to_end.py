@@ -158,3 +158,13 @@ def test_dataset_problems_are_reported(tmp_path):
         load_data(DataSpec(task="arithmetic", num_prompts=0))
     with pytest.raises(RecipeError, match="data.task"):
         load_data(DataSpec(task="calculus"))
+
+
+def test_missing_answer_column_is_reported(tmp_path):
+    from rlvr_entropy.config import DataSpec, RecipeError
+    from rlvr_entropy.runner import load_data, reward_functions
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+2="}\n')
+    with pytest.raises(RecipeError, match=r"'correctness' needs dataset column\(s\) \['answer'\]"):
+        reward_functions(["correctness"], load_data(DataSpec(task=None, dataset=str(path))))

@@ -34,6 +34,13 @@ def test_overrides_reach_sections_and_lists(tmp_path):
     assert recipe.train.entropy_coef == pytest.approx(0.03)  # the method set TRL's own field
 
 
+def test_exponent_without_dot_is_a_number():
+    # PyYAML parses 2e-4 as a string (YAML 1.1); a float field must still accept it.
+    recipe = load_recipe(None, [*CPU, "learning_rate=2e-4", "methods=[{name: entropy_bonus, coef: 1e-3}]"])
+    assert recipe.train.learning_rate == 2e-4 and recipe.train.methods[0]["coef"] == "1e-3"
+    assert recipe.train.entropy_coef == pytest.approx(1e-3)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -388,6 +388,11 @@ def coerce(value: Any, annotation: Any, where: str, error: type[Exception] = Val
             raise error(f"{where}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string: accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                raise error(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise error(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):

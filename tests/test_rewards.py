@@ -1,0 +1,92 @@
+"""Reward functions: answer extraction, correctness (incl. math-verify fallback), registry lookup."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rlvr_entropy.tasks import REWARDS, correctness, extract_answer, format_reward, get_reward
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("81", "81"),
+        ("  -35 \n", "-35"),
+        ("\\boxed{81}", "81"),
+        ("so \\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # last box, nested braces
+        ("<answer> 42 </answer>", "42"),
+        ("<answer>1</answer> <answer>2</answer>", "2"),
+        ("<think>\\boxed{7}</think>12", "12"),  # reasoning never counts as the answer
+        ("\\frac{1}{2}", "\\frac{1}{2}"),
+        ("(2+3)*4", "(2+3)*4"),
+        ("the answer is 81", None),
+        ("\\boxed{12", None),  # cut off before the box closed
+        ("<answer>12", None),
+        ("\\boxed{}", None),
+        ("", None),
+        ("   ", None),
+        (None, None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_correctness_known_answers():
+    completions = ["81", "80", "\\boxed{81}", "<answer>81</answer>", "81 is it", "", "081"]
+    assert correctness(["23+58="] * 7, completions, answer=["81"] * 7) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("predicted", ["1/2", "0.5", "\\frac{1}{2}", "\\boxed{\\frac{1}{2}}", "0.50", "\\dfrac{1}{2}"])
+@pytest.mark.parametrize("reference", ["1/2", "0.5", "\\frac{1}{2}"])
+def test_equivalent_forms_of_one_half(predicted, reference):
+    assert correctness(["p"], [predicted], answer=[reference]) == [1.0]
+
+
+@pytest.mark.parametrize("predicted", ["1/3", "0.6", "\\frac{2}{3}", "-1/2", "2"])
+def test_wrong_values_score_zero(predicted):
+    assert correctness(["p"], [predicted], answer=["1/2"]) == [0.0]
+
+
+def test_missing_references_and_conversational_completions():
+    assert correctness(["p", "p"], ["3", "3"], answer=["3", None]) == [1.0, None]
+    conversational = [[{"role": "assistant", "content": "\\boxed{3}"}]]
+    assert correctness(["p"], conversational, answer=["3"]) == [1.0]
+    with pytest.raises(ValueError, match="answer"):
+        correctness(["p"], ["3"])
+
+
+def test_runs_off_the_main_thread_and_never_hangs():
+    """math-verify's signal timeouts are disabled, so threads work; the guard stops runaway powers."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda c: correctness(["p"], [c], answer=["\\frac{1}{2}"])[0], ["0.5", "9^9^9^9"]))
+    assert results == [1.0, 0.0]
+    assert time.perf_counter() - started < 10
+
+
+def test_format_reward():
+    completions = ["81", " 81\n", "-3", "1/2", "81 is the answer", "\\boxed{81}", "", "abc"]
+    assert format_reward(["p"] * 8, completions) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_get_reward_by_name_and_import_path():
+    assert get_reward("correctness") is correctness
+    assert get_reward("format") is format_reward is REWARDS["format"]
+    assert get_reward("rlvr_entropy.tasks.rewards:correctness") is correctness
+    assert get_reward("rlvr_entropy.tasks.rewards.format_reward") is format_reward
+
+
+def test_get_reward_errors():
+    with pytest.raises(ValueError, match="Did you mean 'correctness'") as error:
+        get_reward("corectness")
+    assert "format" in str(error.value)
+    with pytest.raises(ValueError, match="Cannot import"):
+        get_reward("rlvr_entropy.tasks.rewards:no_such_reward")
+    with pytest.raises(ValueError, match="Cannot import"):
+        get_reward("no_such_package.module:function")
+    with pytest.raises(ValueError, match="not callable"):
+        get_reward("rlvr_entropy.tasks.rewards:REWARDS")
