@@ -40,10 +40,14 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rlvr_entropy.plotting import plot_runs
+    from rlvr_entropy.plotting import plot_runs, read_metrics, summarize
 
     path = plot_runs(args.runs, args.output)
     print(f"wrote {path}")
+    for run in args.runs:
+        s = summarize(read_metrics(run))
+        parts = [f"{k.split('@')[0]} {s[k]:.3f} -> {s[k.replace('@start', '@end')]:.3f}" for k in s if k.endswith("@start")]
+        print(f"{run} ({int(s['steps'])} steps, first vs last 10): " + ", ".join(parts))
     return 0
 
 

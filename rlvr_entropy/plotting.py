@@ -56,6 +56,17 @@ def run_label(run_dir: str | Path) -> str:
     return label
 
 
+def summarize(rows: list[dict[str, Any]], window: int = 10) -> dict[str, float]:
+    """Mean of reward and entropies over the first and the last ``window`` logged steps."""
+    out: dict[str, float] = {"steps": float(rows[-1]["step"]) if rows else 0.0}
+    for key in ("reward", "entropy", "rollout_entropy/mean", "completions/mean_length"):
+        _, values = series(rows, key)
+        if values:
+            out[f"{key}@start"] = sum(values[:window]) / len(values[:window])
+            out[f"{key}@end"] = sum(values[-window:]) / len(values[-window:])
+    return out
+
+
 PANELS = [
     ("token entropy (training pass)", "entropy", ("entropy/p10", "entropy/p90")),
     ("token entropy (rollout)", "rollout_entropy/mean", ("rollout_entropy/p10", "rollout_entropy/p90")),
