@@ -16,7 +16,11 @@ def _train(args: argparse.Namespace) -> int:
     from rlvr_entropy.runner import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe)
+    trainer = train(recipe)
+    # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can
+    # abort a rank ("terminate called without an active exception") after a successful run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 

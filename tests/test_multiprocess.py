@@ -37,3 +37,29 @@ def test_groups_spanning_processes(model_dir, tmp_path):
     # Loss-phase metrics are reduced across processes ("sum" of local token counts).
     assert r0["metrics"]["log_tokens/tokens"] == [r0["local_tokens"] + r1["local_tokens"]]
     assert r0["metrics"]["rollout_entropy/mean"] == r1["metrics"]["rollout_entropy/mean"]
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532"],
+    # `--cpu` would silently start one process: --multi_gpu gives two gloo ranks on a CPU machine
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--main_process_port", "29533"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
+    """`<launcher> -m rlvr_entropy train RECIPE` runs two ranks, exits cleanly; only rank 0 writes metrics."""
+    recipe = HERE.parent / "recipes" / "tiny" / "grpo.yaml"
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
+    cmd = [*LAUNCHERS[launcher], "-m", "rlvr_entropy", "train", str(recipe), "max_steps=2",
+           "per_device_train_batch_size=8", "num_generations=4", f"output_dir={out}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == [1, 2]
+    assert all("rollout_entropy/mean" in x and "entropy/p50" in x for x in lines if "loss" in x)
