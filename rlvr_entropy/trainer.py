@@ -33,8 +33,9 @@ Throughout:
                and restored on resume.
 7. metrics     methods log ``<method>/<stat>``; rollout-phase statistics are global already, loss-phase
                ones are reduced across processes. Rollout and training-pass entropy (mean, p10, p50,
-               p90 over valid tokens of all processes) are logged beside TRL's metrics, and every log
-               line is appended to ``<output_dir>/metrics.jsonl``.
+               p90 over valid tokens of all processes) and the covariance Cov(log pi, A) that drives
+               entropy change are logged beside TRL's metrics, and every log line is appended to
+               ``<output_dir>/metrics.jsonl``.
 
 With no method listed every override reduces to TRL's behaviour (tested for every loss type).
 Nothing here copies ``_compute_loss``: weights, detach and extra terms reach it through the override
@@ -77,6 +78,7 @@ class _LossCall:
     inputs: dict[str, Any]
     forward_done: bool = False
     entropies: Tensor | None = None
+    logps: Tensor | None = None
     extra: Tensor | None = None
     metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
 
@@ -225,6 +227,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 temperature=self.temperature,
                 step=self.state.global_step,
                 training=training,
+                process_index=self.accelerator.process_index,
                 generator=torch.Generator().manual_seed(
                     _stable_hash((self.args.seed, self.state.global_step, self.accelerator.process_index, training))
                 ),
@@ -287,6 +290,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             )
             call.forward_done = True
             call.entropies = entropies.detach()
+            call.logps = logps.detach()
             if self.pipeline.uses("token_loss"):
                 logps = self._apply_token_hooks(call, logps, entropies)
             return logps, entropies, aux
@@ -396,6 +400,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             completion_ids=self._gather_padded(ids),
             step=self.state.global_step,
             training=self.model.training,
+            seed=self.args.seed,
             entropy=self._gather_padded(stats["entropy"]) if "entropy" in stats else None,
             logps=self._gather_padded(stats["logps"]) if "logps" in stats else None,
         )
@@ -493,6 +498,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             )
         if call.entropies is not None:
             self._log_entropy("entropy", call.entropies, mask.float(), gathered=False, mean=False)
+            self._log_covariance(call.logps, inputs["advantages"], mask.float())
         self._log_reduced(call.metrics)
         self._micro_step += 1
         return loss
@@ -583,6 +589,19 @@ class EntropyGRPOTrainer(GRPOTrainer):
             reduced = {"mean": values.mean(0), "sum": values.sum(0), "max": values.max(0).values, "min": values.min(0).values}[kind]
             for key, value in zip(keys, reduced.tolist(), strict=True):
                 self._metrics[mode][key].append(value)
+
+    def _log_covariance(self, logps: Tensor, advantages: Tensor, mask: Tensor) -> None:
+        """``covariance/logp_adv``: Cov(log pi, A) over the valid tokens of all processes in this micro-batch.
+
+        The term Cui et al. (arXiv 2505.22617) show drives the entropy change of a policy-gradient
+        step; logged for every run (baseline included) from four all-reduced sums.
+        """
+        adv = advantages.unsqueeze(1).expand_as(logps) if advantages.dim() == 1 else advantages
+        logps, adv = logps.float() * mask, adv.float() * mask
+        sums = torch.stack([mask.sum(), adv.sum(), logps.sum(), (adv * logps).sum()])
+        n, sa, sl, sal = self.accelerator.reduce(sums, reduction="sum").tolist()
+        if n > 0:
+            self._metrics[self._mode()]["covariance/logp_adv"].append(sal / n - (sa / n) * (sl / n))
 
     def _log_entropy(self, prefix: str, values: Tensor, mask: Tensor, gathered: bool, mean: bool = True) -> None:
         """Mean and p10/p50/p90 of token entropy over the valid tokens of all processes."""

@@ -63,3 +63,25 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == [1, 2]
     assert all("rollout_entropy/mean" in x and "entropy/p50" in x for x in lines if "loss" in x)
+
+
+def run_scope_worker(model_dir, out_dir, method, world, port):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
+           str(HERE / "multiproc_scope_worker.py"), str(model_dir), str(out_dir), json.dumps(method)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return sorted(tuple(p) for r in range(world) for p in json.loads((out_dir / f"selected{world}_{r}.json").read_text()))
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("method", [
+    {"name": "clip_cov", "selection_scope": "global", "ratio": 0.2, "lb": 0.0, "ub": 100.0},
+    {"name": "kl_cov", "selection_scope": "global", "ratio": 0.2},
+], ids=["clip_cov", "kl_cov"])
+def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir, tmp_path, method):
+    one = run_scope_worker(model_dir, tmp_path, method, 1, 29541)
+    two = run_scope_worker(model_dir, tmp_path, method, 2, 29542)
+    assert one, "nothing was selected: the test batch is degenerate"
+    assert one == two

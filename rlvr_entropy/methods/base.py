@@ -100,6 +100,7 @@ class RolloutContext:
     step: int
     training: bool
     generator: torch.Generator  # seeded from (seed, step, process): draws repeat across runs
+    process_index: int = 0  # row i here is row process_index * len(prompt_ids) + i of the global batch
     metrics: dict[str, float] = field(default_factory=dict)
     _prefix: str = ""
 
@@ -129,9 +130,15 @@ class RolloutBatch:
     logps: Tensor | None = None  # (N, T) behaviour-policy log-prob of the sampled tokens
     answers: list[str | None] | None = None
     phases: Tensor | None = None  # (N,) position of the first thinking-end marker, -1 if absent
+    seed: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     carried: dict[str, Tensor] = field(default_factory=dict)
     _prefix: str = ""
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (seed, step, salt): identical on every process, so draws over
+        the gathered batch agree everywhere and repeat across runs."""
+        return torch.Generator().manual_seed(_stable_hash((self.seed, self.step, salt, int(self.training))))
 
     @property
     def lengths(self) -> Tensor:
