@@ -54,6 +54,8 @@ def load_data(spec: DataSpec) -> Dataset:
             dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=spec.dataset, split="train")
         else:
             dataset = load_dataset(spec.dataset, spec.config_name, split=spec.split)
+        if "." in spec.answer_column and spec.answer_column not in dataset.column_names:
+            dataset = dataset.flatten()  # nested fields become "parent.child" columns
         rename = {spec.prompt_column: "prompt", spec.answer_column: "answer"}
         for old, new in rename.items():
             if old != new and old in dataset.column_names:

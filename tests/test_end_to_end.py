@@ -168,3 +168,16 @@ def test_missing_answer_column_is_reported(tmp_path):
     path.write_text('{"prompt": "1+2="}\n')
     with pytest.raises(RecipeError, match=r"'correctness' needs dataset column\(s\) \['answer'\]"):
         reward_functions(["correctness"], load_data(DataSpec(task=None, dataset=str(path))))
+
+
+def test_nested_answer_column_and_dapo_answer_line(tmp_path):
+    from rlvr_entropy.config import DataSpec
+    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.tasks.rewards import correctness, extract_answer
+
+    path = tmp_path / "dapo.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "1+2?"}], "reward_model": {"ground_truth": "3", "style": "rule"}}\n')
+    ds = load_data(DataSpec(task=None, dataset=str(path), answer_column="reward_model.ground_truth"))
+    assert ds[0]["answer"] == "3" and ds[0]["prompt"][0]["content"] == "1+2?"
+    assert extract_answer("Let me think.\nAnswer: 3") == "3"
+    assert correctness(["q"], ["So the sum is 3.\nAnswer: 3"], answer=["3"]) == [1.0]

@@ -24,6 +24,7 @@ RewardFunc = Callable[..., list[float | None]]
 
 _BOXED = "\\boxed{"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_LINE = re.compile(r"Answer:[ \t]*(.+?)[ \t]*$", re.MULTILINE)
 # LaTeX commands that may appear in a bare mathematical answer.
 _LATEX_COMMANDS = re.compile(r"\\(?:[dt]?frac|sqrt|pi|cdot|times|left|right)")
 # What remains of a bare answer once LaTeX commands are removed: digits, operators, grouping.
@@ -65,7 +66,8 @@ def extract_answer(text: str | None) -> str | None:
 
     Only the text after the last ``</think>`` is considered, so reasoning never counts as the answer.
     In order of precedence: the content of the last complete ``\\boxed{...}``; else the content of the
-    last ``<answer>...</answer>``; else the whole stripped text if it looks like a number/expression.
+    last ``<answer>...</answer>``; else what follows the last ``Answer:`` on its line (DAPO-Math's
+    format); else the whole stripped text if it looks like a number/expression.
     A completion that opens a box or an answer tag without closing it has no answer (it was cut off).
     """
     if not text:
@@ -76,6 +78,8 @@ def extract_answer(text: str | None) -> str | None:
     elif "<answer>" in text:
         tagged = _ANSWER_TAG.findall(text)
         answer = tagged[-1] if tagged else None
+    elif _ANSWER_LINE.search(text):  # DAPO-Math's format: a last line "Answer: $Answer"
+        answer = _ANSWER_LINE.findall(text)[-1]
     else:
         answer = text if looks_like_expression(text.strip()) else None
     answer = answer.strip() if answer is not None else None
