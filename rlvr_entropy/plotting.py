@@ -70,6 +70,7 @@ def summarize(rows: list[dict[str, Any]], window: int = 10) -> dict[str, float]:
 PANELS = [
     ("token entropy (training pass)", "entropy", ("entropy/p10", "entropy/p90")),
     ("token entropy (rollout)", "rollout_entropy/mean", ("rollout_entropy/p10", "rollout_entropy/p90")),
+    ("Cov(log pi, A) over valid tokens (drives entropy change)", "covariance/logp_adv", None),
     ("reward", "reward", None),
     ("completion length", "completions/mean_length", None),
 ]
