@@ -31,3 +31,11 @@ def tiny_model_path() -> Path:
 
     cache_dir = os.environ.get("RLVR_ENTROPY_CACHE") or REPO_ROOT / ".cache" / "rlvr_entropy"
     return build_tiny_model(cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model + tokenizer on disk (no warm start): for trainer mechanics tests."""
+    from trainer_utils import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("random_model"))

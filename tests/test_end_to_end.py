@@ -17,7 +17,7 @@ from rlvr_entropy.plotting import plot_runs, read_metrics
 from rlvr_entropy.runner import train
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "tiny" / "grpo.yaml"
-FAST = ["max_steps=3", "per_device_train_batch_size=16", "num_generations=4", "data.num_prompts=64", "learning_rate=1e-3"]
+FAST = ["max_steps=3", "per_device_train_batch_size=16", "steps_per_generation=1", "num_generations=4", "data.num_prompts=64", "learning_rate=1e-3"]
 
 
 @dataclass

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_parity import model_dir  # noqa: F401 (fixture)
 
 HERE = Path(__file__).parent
 
@@ -56,7 +55,7 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
     cmd = [*LAUNCHERS[launcher], "-m", "rlvr_entropy", "train", str(recipe), "max_steps=2",
-           "per_device_train_batch_size=8", "num_generations=4", f"output_dir={out}"]
+           "per_device_train_batch_size=8", "steps_per_generation=1", "num_generations=4", f"output_dir={out}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

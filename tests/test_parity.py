@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
-from trainer_utils import cpu_args, grads, prompt_rows, save_random_model
+from trainer_utils import cpu_args, grads, prompt_rows
 
 from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
 from rlvr_entropy.losses import LOSS_TYPES
@@ -21,11 +21,6 @@ from rlvr_entropy.tasks.rewards import correctness
 def partial_credit(prompts, completions, **kwargs):
     """A dense reward so every group has non-zero variance (random models rarely answer right)."""
     return [float(len(c) % 3) + float(c.strip() == a) for c, a in zip(completions, kwargs["answer"], strict=True)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_random_model(tmp_path_factory.mktemp("random_model"))
 
 
 def make_pair(model_dir, tmp_path, **overrides):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from test_parity import generate, model_dir  # noqa: F401 (fixture)
+from test_parity import generate
 from test_trainer_hooks import build
 from trainer_utils import prompt_rows
 

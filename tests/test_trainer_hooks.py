@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_parity import generate, loss_and_grads, model_dir, partial_credit  # noqa: F401 (fixture)
+from test_parity import generate, loss_and_grads, partial_credit
 from transformers import AutoTokenizer, set_seed
 from trainer_utils import cpu_args, prompt_rows
 
@@ -168,7 +168,8 @@ def test_reward_hook_adds_a_logged_column(model_dir, tmp_path):
     base = build(model_dir, tmp_path, [])
     shaped = build(model_dir, tmp_path, [path(LengthPenalty)])
     rows = prompt_rows(2, 4)
-    b_out, s_out = generate(base, rows), generate(shaped, rows)
+    generate(base, rows)
+    s_out = generate(shaped, rows)
     assert shaped.reward_func_names == ["correctness", "partial_credit", "length_penalty"]
     lengths = s_out["completion_mask"].sum(1).float()
     assert shaped._metrics["train"]["rewards/length_penalty/mean"] == [pytest.approx(-0.1 * lengths.mean().item())]

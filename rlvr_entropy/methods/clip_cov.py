@@ -28,15 +28,14 @@ TRL's ``epsilon`` fields: the paper recipes set them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, register
+from rlvr_entropy.methods.base import LossBatch, MethodConfigError, RolloutBatch, TokenTerms, register
+from rlvr_entropy.methods.covariance import CovarianceMethod
 from rlvr_entropy.tensor_ops import centered_product
-
-PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 class Selection(NamedTuple):
@@ -86,13 +85,12 @@ def ppo_token_loss(logp: Tensor, old: Tensor, adv: Tensor, eps_low: float, eps_h
 
 @register("clip_cov")
 @dataclass
-class ClipCov(Method):
+class ClipCov(CovarianceMethod):
     """Clip-Cov: zero the gradient of a random few tokens whose logp-advantage covariance is high."""
 
     ratio: float = 2e-4  # fraction of valid tokens to zero, in [0, 1] (not a percent)
     lb: float = 1.0  # covariance band, lower bound (exclusive)
     ub: float = 5.0  # covariance band, upper bound (exclusive)
-    selection_scope: Literal["micro_batch", "global"] = "micro_batch"
 
     def validate(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -102,29 +100,12 @@ class ClipCov(Method):
         if not self.lb < self.ub:
             raise MethodConfigError(f"clip_cov needs lb < ub, got lb={self.lb}, ub={self.ub}")
 
-    def check(self, args: Any) -> None:
-        if args.loss_type not in PPO_LOSS_TYPES:
-            raise MethodConfigError(
-                f"clip_cov works on the clipped PPO surrogate: loss_type must be one of {PPO_LOSS_TYPES}, "
-                f"got '{args.loss_type}'"
-            )
-        if args.importance_sampling_level != "token":
-            raise MethodConfigError("clip_cov selects tokens: importance_sampling_level must be 'token'")
-
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"logps"}) if self.selection_scope == "global" else frozenset()
-
-    def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
-        if self.selection_scope != "global":
-            return advantages
-        adv = advantages.unsqueeze(1).expand_as(batch.mask) if advantages.dim() == 1 else advantages
+    def select_global(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
         nothing_clipped = torch.zeros_like(batch.mask, dtype=torch.bool)  # on-policy at rollout time
-        sel = clip_cov_select(batch.logps, adv, batch.mask, nothing_clipped, self.ratio, self.lb, self.ub,
+        sel = clip_cov_select(batch.logps, advantages, batch.mask, nothing_clipped, self.ratio, self.lb, self.ub,
                               batch.generator())
-        batch.carry("selected", sel.selected)
-        self._log_selection(batch.log, sel, batch.mask)
-        return advantages
+        _log_selection(batch.log, sel, batch.mask)
+        return sel.selected
 
     def token_loss(self, batch: LossBatch) -> TokenTerms:
         clipped = batch.ppo_clipped()
@@ -135,16 +116,16 @@ class ClipCov(Method):
             sel = clip_cov_select(batch.logps, batch.advantages, batch.mask, clipped, self.ratio, self.lb,
                                   self.ub, batch.generator(per_process=True))
             selected = sel.selected
-            self._log_selection(lambda k, v: batch.log(k, v, reduce="sum" if k in ("candidates", "selected") else "mean"),
-                                sel, batch.mask)
+            _log_selection(lambda k, v: batch.log(k, v, reduce="sum" if k in ("candidates", "selected") else "mean"),
+                           sel, batch.mask)
         return TokenTerms(weight=(~selected).to(batch.mask.dtype))
 
-    @staticmethod
-    def _log_selection(log: Any, sel: Selection, mask: Tensor) -> None:
-        valid = mask > 0
-        log("candidates", sel.candidates.sum())
-        log("selected", sel.selected.sum())
-        if bool(valid.any()):
-            log("cov_all", sel.cov[valid].mean())
-        if bool(sel.selected.any()):  # no value rather than a misleading 0 when nothing was selected
-            log("cov_selected", sel.cov[sel.selected].mean())
+
+def _log_selection(log: Any, sel: Selection, mask: Tensor) -> None:
+    valid = mask > 0
+    log("candidates", sel.candidates.sum())
+    log("selected", sel.selected.sum())
+    if bool(valid.any()):
+        log("cov_all", sel.cov[valid].mean())
+    if bool(sel.selected.any()):  # no value rather than a misleading 0 when nothing was selected
+        log("cov_selected", sel.cov[sel.selected].mean())

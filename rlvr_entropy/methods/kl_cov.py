@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, register
-from rlvr_entropy.methods.clip_cov import PPO_LOSS_TYPES
+from rlvr_entropy.methods.base import LossBatch, MethodConfigError, RolloutBatch, TokenTerms, register
+from rlvr_entropy.methods.covariance import CovarianceMethod
 from rlvr_entropy.tensor_ops import centered_product
 
 logger = logging.getLogger(__name__)
@@ -59,12 +59,11 @@ def kl_cov_select(logp: Tensor, adv: Tensor, mask: Tensor, ratio: float) -> tupl
 
 @register("kl_cov")
 @dataclass
-class KLCov(Method):
+class KLCov(CovarianceMethod):
     """KL-Cov: |log-ratio| penalty on the top-k logp-advantage covariance tokens, unclipped PG elsewhere."""
 
     ratio: float = 2e-3  # fraction of valid tokens penalised (paper: 2e-3 for 7B, 2e-4 for 32B)
     beta: float = 1.0  # penalty coefficient (verl's ppo_kl_coef; the paper's scripts use 1)
-    selection_scope: Literal["micro_batch", "global"] = "micro_batch"
     base_clip: bool = False  # keep PPO clipping on the base loss (ablation; the reference has none)
 
     def validate(self) -> None:
@@ -76,10 +75,7 @@ class KLCov(Method):
             raise MethodConfigError(f"kl_cov.beta must be >= 0, got {self.beta}")
 
     def check(self, args: Any) -> None:
-        if args.loss_type not in PPO_LOSS_TYPES:
-            raise MethodConfigError(f"kl_cov: loss_type must be one of {PPO_LOSS_TYPES}, got '{args.loss_type}'")
-        if args.importance_sampling_level != "token":
-            raise MethodConfigError("kl_cov penalises token log-ratios: importance_sampling_level must be 'token'")
+        super().check(args)
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         if not self.base_clip and (args.epsilon < 1.0 or eps_high < UNCLIPPED_EPSILON_HIGH):
             raise MethodConfigError(
@@ -95,18 +91,10 @@ class KLCov(Method):
                 "optimizer steps per rollout) or num_iterations > 1."
             )
 
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"logps"}) if self.selection_scope == "global" else frozenset()
-
-    def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
-        if self.selection_scope != "global":
-            return advantages
-        adv = advantages.unsqueeze(1).expand_as(batch.mask) if advantages.dim() == 1 else advantages
-        selected, cov, k = kl_cov_select(batch.logps, adv, batch.mask, self.ratio)
-        batch.carry("selected", selected)
+    def select_global(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
+        selected, cov, k = kl_cov_select(batch.logps, advantages, batch.mask, self.ratio)
         _log_cov(batch.log, k, cov, selected, batch.mask)
-        return advantages
+        return selected
 
     def token_loss(self, batch: LossBatch) -> TokenTerms:
         if self.selection_scope == "global":

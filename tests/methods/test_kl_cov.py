@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cov_example import ADV, LOGP, MASK, OLD, token_mean
+from cov_example import ADV, LOGP, MASK, token_mean
 from test_clip_cov import loss_batch
 
 from rlvr_entropy.methods import MethodConfigError, build_method
