@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_utils import cpu_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -91,19 +92,7 @@ def test_warm_start_accuracy_is_partial(tiny_model_path):
 
 
 def test_plain_trl_grpo_runs_on_the_tiny_world(tiny_model_path, tmp_path):
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-    )
+    args = GRPOConfig(**cpu_args(tmp_path, per_device_train_batch_size=8, num_generations=4, max_steps=2))
     trainer = GRPOTrainer(
         model=str(tiny_model_path),
         reward_funcs=correctness,
