@@ -9,10 +9,24 @@ cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
 OUT=runs/quickstart
 rm -rf "$OUT"
+mkdir -p "$OUT"
 start=$(date +%s)
-rlvr-entropy evaluate tiny --temperature 1.0 0
+rlvr-entropy evaluate tiny --temperature 1.0 0   # builds and caches the tiny model on first use
+# Two runs at a time, one per core (each single-threaded); their logs go to $OUT/<method>.log.
+train() {
+  echo "[quickstart] training $1 (log: $OUT/$1.log)"
+  rlvr-entropy train "recipes/tiny/$1.yaml" output_dir="$OUT/$1" > "$OUT/$1.log" 2>&1
+}
+finish() {  # wait for a run; on failure show why and stop
+  if ! wait "$1"; then echo "[quickstart] $2 failed:"; tail -n 30 "$OUT/$2.log"; exit 1; fi
+}
+train grpo & grpo=$!
+train clip_cov & clip_cov=$!
+finish "$grpo" grpo
+train kl_cov & kl_cov=$!
+finish "$clip_cov" clip_cov
+finish "$kl_cov" kl_cov
 for method in grpo clip_cov kl_cov; do
-  rlvr-entropy train "recipes/tiny/$method.yaml" output_dir="$OUT/$method"
   rlvr-entropy evaluate "$OUT/$method" --temperature 1.0 0
 done
 rlvr-entropy plot "$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov" -o "$OUT/curves.png"
