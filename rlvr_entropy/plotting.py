@@ -51,8 +51,9 @@ def run_label(run_dir: str | Path) -> str:
     recipe = path / "recipe.yaml"
     if recipe.is_file():
         methods = (yaml.safe_load(recipe.read_text()) or {}).get("methods") or []
-        names = [m.get("name", "?") for m in methods if isinstance(m, dict)]
-        label += f" [{'+'.join(names) if names else 'grpo'}]"
+        names = "+".join(m.get("name", "?") for m in methods if isinstance(m, dict)) or "grpo"
+        if names != label:
+            label += f" [{names}]"
     return label
 
 
@@ -93,7 +94,8 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
                 lo_steps, lo = series(rows, band[0])
                 hi_steps, hi = series(rows, band[1])
                 if lo_steps and lo_steps == hi_steps:
-                    ax.fill_between(lo_steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+                    alpha = 0.15 if len(runs) == 1 else 0.06  # overlapping bands stay readable
+                    ax.fill_between(lo_steps, lo, hi, color=line.get_color(), alpha=alpha, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
