@@ -66,6 +66,9 @@ def main() -> None:
     selected = out[f"carry/{method['name']}/selected"].bool()
     pairs = [[rank * local_rows + i, j] for i, j in selected.nonzero().tolist()]
     (out_dir / f"selected{world}_{rank}.json").write_text(json.dumps(pairs))
+    # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ def main() -> None:
         local_tokens=float(out["completion_mask"].sum()),
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
