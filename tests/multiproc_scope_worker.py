@@ -2,7 +2,7 @@
 
 A test-only rollout method writes fixed completions that depend only on the global row index, so
 the batch is identical whatever the process count. Each rank writes the (global row, column) pairs
-its covariance method selected to ``$OUT/selected<rank>.json``.
+its method selected (covariance methods), and its slice of the advantages, to ``$OUT/result<world>_<rank>.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GLOBAL_ROWS = 12
 
 @dataclass
 class FixedRollout(Method):
-    """Completion of global row g: the digits of (g * 37) % 100, then EOS."""
+    """Completion of global row g: the digits of ((g // 2) * 37) % 100, then EOS (rows pair up on answers)."""
 
     name = "fixed_rollout"
     eos: int = 1
@@ -35,7 +35,7 @@ class FixedRollout(Method):
 
     def rollout(self, ctx, generate):
         start = ctx.process_index * len(ctx.prompt_ids)
-        ids = [[self.digit_ids[int(c)] for c in str(((start + i) * 37) % 100)] + [self.eos]
+        ids = [[self.digit_ids[int(c)] for c in str((((start + i) // 2) * 37) % 100)] + [self.eos]
                for i in range(len(ctx.prompt_ids))]
         return Rollout(ids, None, {})
 
@@ -63,9 +63,10 @@ def main() -> None:
     trainer.model.train()
     rows = prompt_rows(3, 4)
     out = trainer._generate_and_score_completions(rows[rank * local_rows : (rank + 1) * local_rows])
-    selected = out[f"carry/{method['name']}/selected"].bool()
-    pairs = [[rank * local_rows + i, j] for i, j in selected.nonzero().tolist()]
-    (out_dir / f"selected{world}_{rank}.json").write_text(json.dumps(pairs))
+    key = f"carry/{method['name']}/selected"
+    pairs = [[rank * local_rows + i, j] for i, j in out[key].bool().nonzero().tolist()] if key in out else []
+    result = {"selected": pairs, "advantages": out["advantages"].tolist()}
+    (out_dir / f"result{world}_{rank}.json").write_text(json.dumps(result))
     # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()

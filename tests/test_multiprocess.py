@@ -70,7 +70,10 @@ def run_scope_worker(model_dir, out_dir, method, world, port):
            str(HERE / "multiproc_scope_worker.py"), str(model_dir), str(out_dir), json.dumps(method)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return sorted(tuple(p) for r in range(world) for p in json.loads((out_dir / f"selected{world}_{r}.json").read_text()))
+    results = [json.loads((out_dir / f"result{world}_{r}.json").read_text()) for r in range(world)]
+    selected = sorted(tuple(p) for res in results for p in res["selected"])
+    advantages = [a for res in results for a in res["advantages"]]
+    return selected, advantages
 
 
 @pytest.mark.slow
@@ -80,7 +83,21 @@ def run_scope_worker(model_dir, out_dir, method, world, port):
     {"name": "kl_cov", "selection_scope": "global", "ratio": 0.2},
 ], ids=["clip_cov", "kl_cov"])
 def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir, tmp_path, method):
-    one = run_scope_worker(model_dir, tmp_path, method, 1, 29541)
-    two = run_scope_worker(model_dir, tmp_path, method, 2, 29542)
+    one, _ = run_scope_worker(model_dir, tmp_path, method, 1, 29541)
+    two, _ = run_scope_worker(model_dir, tmp_path, method, 2, 29542)
     assert one, "nothing was selected: the test batch is degenerate"
     assert one == two
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("method", [
+    {"name": "seed_grpo", "alpha": 1.0},
+    {"name": "canon", "metric": "entropy", "mu": 1.0},
+], ids=["seed_grpo", "canon"])
+def test_group_advantages_are_the_same_on_one_and_two_processes(model_dir, tmp_path, method):
+    """12 rows in groups of 4 split 6/6: the middle group spans both processes."""
+    _, one = run_scope_worker(model_dir, tmp_path, method, 1, 29543)
+    _, two = run_scope_worker(model_dir, tmp_path, method, 2, 29544)
+    assert len(one) == 12 and any(abs(a) > 1e-3 for a in one)
+    assert two == pytest.approx(one, abs=1e-5)

@@ -125,6 +125,7 @@ class RolloutBatch:
     completion_ids: Tensor  # (N, T) long
     step: int
     training: bool
+    rewards: Tensor | None = None  # (N,) final scalar rewards (after reward hooks), set for advantage hooks
     completions: list[str] | None = None  # decoded completions (only when ``answers`` is needed)
     entropy: Tensor | None = None  # (N, T) behaviour-policy token entropy
     logps: Tensor | None = None  # (N, T) behaviour-policy log-prob of the sampled tokens
@@ -148,6 +149,10 @@ class RolloutBatch:
         """TRL's scalar reward: the weighted sum of the reward functions, NaN where all of them are NaN."""
         r = (self.rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
         return r.masked_fill(torch.isnan(self.rewards_per_func).all(dim=1), float("nan"))
+
+    def total_rewards(self) -> Tensor:
+        """The scalar reward TRL's advantages come from: user rewards plus method reward columns, (N,)."""
+        return self.rewards if self.rewards is not None else self.weighted_rewards()
 
     def reward_column(self, name: str) -> Tensor:
         """The rewards of one named reward function, (N,)."""

@@ -98,6 +98,7 @@ class Pipeline:
             columns[m.name] = shaped - rewards
             rewards = shaped
         batch._prefix = ""
+        batch.rewards = rewards
         return columns
 
     def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
