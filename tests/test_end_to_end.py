@@ -181,3 +181,18 @@ def test_nested_answer_column_and_dapo_answer_line(tmp_path):
     assert ds[0]["answer"] == "3" and ds[0]["prompt"][0]["content"] == "1+2?"
     assert extract_answer("Let me think.\nAnswer: 3") == "3"
     assert correctness(["q"], ["So the sum is 3.\nAnswer: 3"], answer=["3"]) == [1.0]
+
+
+METHOD_RECIPES = sorted(p for p in RECIPE.parent.glob("*.yaml") if p.stem != "grpo")
+
+
+@pytest.mark.parametrize("recipe", METHOD_RECIPES, ids=lambda p: p.stem)
+def test_every_tiny_method_recipe_runs_and_logs_its_statistics(tiny_model_path, tmp_path, recipe):
+    out = tmp_path / recipe.stem
+    trainer = train(load_recipe(recipe, [*FAST, "steps_per_generation=2", "max_steps=4", f"output_dir={out}"]))
+    method = trainer.pipeline.methods[0].name
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    logged = {k for r in rows for k, v in r.items() if k.startswith(f"{method}/") and v is not None}
+    assert logged, f"{method} logged no statistics"
+    assert all(isinstance(r["entropy"], float) and isinstance(r["covariance/logp_adv"], float) for r in rows)
