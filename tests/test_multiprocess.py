@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 @pytest.mark.multiproc
 def test_groups_spanning_processes(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "multiproc_worker.py"), str(model_dir), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -39,7 +39,7 @@ def test_groups_spanning_processes(model_dir, tmp_path):
 
 
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29532"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     # `--cpu` would silently start one process: --multi_gpu gives two gloo ranks on a CPU machine
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--main_process_port", "29533"],
@@ -64,9 +64,9 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
     assert all("rollout_entropy/mean" in x and "entropy/p50" in x for x in lines if "loss" in x)
 
 
-def run_scope_worker(model_dir, out_dir, method, world, port):
+def run_scope_worker(model_dir, out_dir, method, world):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
            str(HERE / "multiproc_scope_worker.py"), str(model_dir), str(out_dir), json.dumps(method)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -83,8 +83,8 @@ def run_scope_worker(model_dir, out_dir, method, world, port):
     {"name": "kl_cov", "selection_scope": "global", "ratio": 0.2},
 ], ids=["clip_cov", "kl_cov"])
 def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir, tmp_path, method):
-    one, _ = run_scope_worker(model_dir, tmp_path, method, 1, 29541)
-    two, _ = run_scope_worker(model_dir, tmp_path, method, 2, 29542)
+    one, _ = run_scope_worker(model_dir, tmp_path, method, 1)
+    two, _ = run_scope_worker(model_dir, tmp_path, method, 2)
     assert one, "nothing was selected: the test batch is degenerate"
     assert one == two
 
@@ -97,7 +97,7 @@ def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir
 ], ids=["seed_grpo", "canon"])
 def test_group_advantages_are_the_same_on_one_and_two_processes(model_dir, tmp_path, method):
     """12 rows in groups of 4 split 6/6: the middle group spans both processes."""
-    _, one = run_scope_worker(model_dir, tmp_path, method, 1, 29543)
-    _, two = run_scope_worker(model_dir, tmp_path, method, 2, 29544)
+    _, one = run_scope_worker(model_dir, tmp_path, method, 1)
+    _, two = run_scope_worker(model_dir, tmp_path, method, 2)
     assert len(one) == 12 and any(abs(a) > 1e-3 for a in one)
     assert two == pytest.approx(one, abs=1e-5)
