@@ -412,6 +412,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             batch.answers = gather_object([self._answer_fn(t) for t in texts])  # type: ignore[misc]
         if "phases" in self._needs:
             batch.phases = self._gather_padded(find_marker(ids, mask, self._marker_ids).unsqueeze(1)).squeeze(1)
+            batch.marker_length = len(self._marker_ids)
         if batch.entropy is not None:
             self._log_entropy("rollout_entropy", batch.entropy, batch.mask, gathered=True)
         return batch

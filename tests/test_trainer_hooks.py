@@ -221,3 +221,12 @@ def test_carried_tensors_follow_rows_into_the_loss(model_dir, tmp_path):
     d_loss, d_grads = loss_and_grads(direct, d_out)
     assert c_loss.item() == pytest.approx(d_loss.item(), abs=1e-7)
     assert carrying._metrics["train"]["carry_first_token/rows_seen"] == [8.0]
+
+
+def test_pear_runs_through_the_trainer_with_a_multi_token_marker(model_dir, tmp_path):
+    trainer = build(model_dir, tmp_path, [{"name": "pear"}])
+    assert len(trainer._marker_ids) == len("</think>")  # the char tokenizer splits the marker
+    generate(trainer, prompt_rows(2, 4))
+    metrics = trainer._metrics["train"]
+    assert metrics["pear/missing_marker"] == [1.0]  # a random model never writes </think>
+    assert "rewards/pear/mean" in metrics and "pear/think_entropy" in metrics

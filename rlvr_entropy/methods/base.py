@@ -131,6 +131,7 @@ class RolloutBatch:
     logps: Tensor | None = None  # (N, T) behaviour-policy log-prob of the sampled tokens
     answers: list[str | None] | None = None
     phases: Tensor | None = None  # (N,) position of the first thinking-end marker, -1 if absent
+    marker_length: int = 0  # tokens in the thinking-end marker (it can be split into several)
     seed: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     carried: dict[str, Tensor] = field(default_factory=dict)
