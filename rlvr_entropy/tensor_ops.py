@@ -11,6 +11,11 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def per_token(advantages: Tensor, like: Tensor) -> Tensor:
+    """(B,) per-sample advantages broadcast to ``like``'s (B, T); (B, T) advantages pass through."""
+    return advantages.unsqueeze(1).expand_as(like) if advantages.dim() == 1 else advantages
+
+
 def centered_product(adv: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
     """Per-token ``(A - mean A)(logp - mean logp)``, means over the valid tokens, (B, T).
 

@@ -64,6 +64,7 @@ from rlvr_entropy.methods.base import LossBatch, Rollout, RolloutBatch, RolloutC
 from rlvr_entropy.methods.pipeline import Pipeline
 from rlvr_entropy.registry import Registry
 from rlvr_entropy.rollout_stats import GenerationRecorder, find_marker, masked_quantiles, pad_rows
+from rlvr_entropy.tensor_ops import masked_mean, per_token
 
 STATE_FILE = "rlvr_entropy_state.json"
 CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
@@ -508,7 +509,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         inputs = call.inputs
         mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float()
         advantages = inputs["advantages"]
-        advantages_2d = advantages.unsqueeze(1).expand_as(logps) if advantages.dim() == 1 else advantages
+        advantages_2d = per_token(advantages, logps)
         old = inputs.get("old_per_token_logps")
         batch = LossBatch(
             logps=logps,
@@ -597,7 +598,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         The term Cui et al. (arXiv 2505.22617) show drives the entropy change of a policy-gradient
         step; logged for every run (baseline included) from four all-reduced sums.
         """
-        adv = advantages.unsqueeze(1).expand_as(logps) if advantages.dim() == 1 else advantages
+        adv = per_token(advantages, logps)
         logps, adv = logps.float() * mask, adv.float() * mask
         sums = torch.stack([mask.sum(), adv.sum(), logps.sum(), (adv * logps).sum()])
         n, sa, sl, sal = self.accelerator.reduce(sums, reduction="sum").tolist()
@@ -610,6 +611,6 @@ class EntropyGRPOTrainer(GRPOTrainer):
             values, mask = self._gather_padded(values.float()), self._gather_padded(mask.float())
         mode = self._mode()
         if mean:
-            self._metrics[mode][f"{prefix}/mean"].append(float((values * mask).sum() / mask.sum().clamp(min=1.0)))
+            self._metrics[mode][f"{prefix}/mean"].append(float(masked_mean(values, mask)))
         for q, v in zip(QUANTILES, masked_quantiles(values, mask, QUANTILES), strict=True):
             self._metrics[mode][f"{prefix}/p{int(q * 100)}"].append(v)

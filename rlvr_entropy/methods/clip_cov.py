@@ -75,14 +75,6 @@ def clip_cov_select(
     return Selection(selected.view_as(candidates), candidates, cov, clip_num)
 
 
-def ppo_token_loss(logp: Tensor, old: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
-    """PPO's per-token loss ``max(-A r, -A clip(r))`` (B, T) and the tokens where the clip is active."""
-    ratio = torch.exp(logp - old)
-    l1 = -adv * ratio
-    l2 = -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    return torch.maximum(l1, l2), l2 > l1
-
-
 @register("clip_cov")
 @dataclass
 class ClipCov(CovarianceMethod):

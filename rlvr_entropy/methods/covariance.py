@@ -13,13 +13,9 @@ from typing import Any, Literal
 from torch import Tensor
 
 from rlvr_entropy.methods.base import Method, MethodConfigError, RolloutBatch
+from rlvr_entropy.tensor_ops import per_token
 
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-
-
-def per_token(advantages: Tensor, mask: Tensor) -> Tensor:
-    """(N,) per-sample advantages broadcast to (N, T); (N, T) ones pass through."""
-    return advantages.unsqueeze(1).expand_as(mask) if advantages.dim() == 1 else advantages
 
 
 @dataclass

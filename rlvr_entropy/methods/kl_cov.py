@@ -34,7 +34,7 @@ from torch import Tensor
 
 from rlvr_entropy.methods.base import LossBatch, MethodConfigError, RolloutBatch, TokenTerms, register
 from rlvr_entropy.methods.covariance import CovarianceMethod
-from rlvr_entropy.tensor_ops import centered_product
+from rlvr_entropy.tensor_ops import centered_product, masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class KLCov(CovarianceMethod):
                      selected, batch.mask)
         delta = (batch.logps - batch.old_logps).abs()  # (B, T), with grad through logps
         penalty = self.beta * delta * selected.to(delta.dtype)
-        batch.log("penalty", (penalty.detach() * batch.mask).sum() / batch.mask.sum().clamp(min=1.0))
+        batch.log("penalty", masked_mean(penalty.detach(), batch.mask))
         batch.log("inert", float(not bool((delta.detach() * selected).any())))
         return TokenTerms(extra=penalty)
 

@@ -23,5 +23,11 @@ A_SEQ = torch.tensor([0.866025, -0.866025, 0.866025, -0.866025, 1.5, -0.5, -0.5,
 ADV = A_SEQ.unsqueeze(1).expand(8, 5).clone()
 
 
+def ppo_token_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """The reference's per-token PPO loss max(-A r, -A clip(r)), (B, T): the oracle the loss tests use."""
+    ratio = torch.exp(logp - old)
+    return torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+
+
 def token_mean(per_token: torch.Tensor) -> torch.Tensor:
     return (per_token * MASK).sum() / MASK.sum()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cov_example import ADV, LOGP, MASK, OLD, token_mean
+from cov_example import ADV, LOGP, MASK, OLD, ppo_token_loss, token_mean
 
 from rlvr_entropy.methods import LossBatch, MethodConfigError, build_method
-from rlvr_entropy.methods.clip_cov import clip_cov_select, ppo_token_loss
+from rlvr_entropy.methods.clip_cov import clip_cov_select
 
 
 def loss_batch(logp=LOGP, old=OLD, adv=ADV, eps=0.2, **kw):
@@ -26,7 +26,7 @@ def test_case_a_loss_and_selection():
     terms = method.token_loss(batch)
     selected = terms.weight == 0
     assert sorted(map(tuple, selected.nonzero().tolist())) == [(4, 0), (6, 2)]
-    per_token, _ = ppo_token_loss(batch.logps, OLD, ADV, 0.2, 0.2)
+    per_token = ppo_token_loss(batch.logps, OLD, ADV, 0.2, 0.2)
     loss = token_mean(per_token * terms.weight)
     assert loss.item() == pytest.approx(-0.074306, abs=5e-7)
     assert token_mean(per_token).item() == pytest.approx(-0.104609, abs=5e-7)  # vanilla PPO, same eps
@@ -63,7 +63,7 @@ def test_case_b_random_subset_invariants(seed):
 
 
 def test_case_b_loss_for_a_given_subset():
-    per_token, _ = ppo_token_loss(LOGP, OLD, ADV, 0.2, 0.2)
+    per_token = ppo_token_loss(LOGP, OLD, ADV, 0.2, 0.2)
     weight = torch.ones_like(MASK)
     for i, j in [(0, 0), (0, 2), (2, 1)]:
         weight[i, j] = 0
