@@ -57,6 +57,7 @@ from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
 from rlvr_entropy.config import EntropyGRPOConfig
 from rlvr_entropy.losses import aggregate
@@ -156,6 +157,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"think_marker {args.think_marker!r} encodes to no tokens with this tokenizer")
 
         self._generation: _Generation | None = None
+        self._rollout_inputs: list[dict[str, Any]] | None = None
         self._loss_call: _LossCall | None = None
         self._capture_old_pass = False
         self._micro_step = 0
@@ -229,6 +231,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 step=self.state.global_step,
                 training=training,
                 process_index=self.accelerator.process_index,
+                num_processes=self.accelerator.num_processes,
+                score=self._score_rows,
                 generator=torch.Generator().manual_seed(
                     _stable_hash((self.args.seed, self.state.global_step, self.accelerator.process_index, training))
                 ),
@@ -239,6 +243,28 @@ class EntropyGRPOTrainer(GRPOTrainer):
             rollout = generate(None, None)
         self._pending_rollout = rollout
         return rollout.completion_ids, rollout.logprobs
+
+    def _score_rows(self, rows: list[int], rollout: Rollout) -> Tensor:
+        """The user reward functions on extra completions for some rows of the batch being generated.
+
+        Goes through ``_calculate_rewards`` (TRL's reward calling, gathered across processes) and
+        returns this process's part: the weighted sum per row, NaN where no function scored it.
+        """
+        inputs = self._rollout_inputs
+        if inputs is None:
+            raise RuntimeError("scoring inside a rollout hook is only possible during _generate_and_score_completions")
+        rows_inputs = [inputs[i] for i in rows]
+        prompts = [x["prompt"] for x in rows_inputs]
+        texts = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = texts
+        rewards_per_func = self._calculate_rewards(rows_inputs, prompts, completions, rollout.completion_ids)
+        mine = rewards_per_func[self._process_slice(len(rows)), : self._num_user_rewards].float()  # (R, K)
+        weights = self.reward_weights[: self._num_user_rewards].to(mine.device).float()
+        total = (mine * weights).nansum(dim=1)
+        return total.masked_fill(torch.isnan(mine).all(dim=1), float("nan"))
 
     @contextlib.contextmanager
     def _sampling_temperature(self, temperature: float | None) -> Iterator[None]:
@@ -404,7 +430,12 @@ class EntropyGRPOTrainer(GRPOTrainer):
             seed=self.args.seed,
             entropy=self._gather_padded(stats["entropy"]) if "entropy" in stats else None,
             logps=self._gather_padded(stats["logps"]) if "logps" in stats else None,
+            scale_rewards=self.scale_rewards,
+            encode=lambda text: self._tokenizer.encode(text, add_special_tokens=False),
         )
+        if gen.rollout is not None:
+            for name, values in gen.rollout.tags.items():  # (B,) each -> (N,)
+                batch.tags[name] = self.accelerator.gather(values.to(device))
         if batch.mask.size(0) != rewards_per_func.size(0) or rewards_per_func.size(0) != local_rows * self.accelerator.num_processes:
             raise RuntimeError("rollout batch rows do not line up with the gathered rewards")
         if "answers" in self._needs:
@@ -425,9 +456,11 @@ class EntropyGRPOTrainer(GRPOTrainer):
         wants_tokens = bool(self.pipeline.needs & {"entropy", "logps"}) or self.args.log_rollout_entropy
         self._capture_old_pass = self._stats_source == "forward" and wants_tokens and self._old_logps_computed()
         try:
+            self._rollout_inputs = inputs  # for rollout hooks that score extra samples (_score_rows)
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._capture_old_pass = False
+            self._rollout_inputs = None
         gen, self._generation = self._generation, None
         local_rows, width = output["completion_ids"].shape
         device = output["completion_ids"].device
@@ -532,6 +565,9 @@ class EntropyGRPOTrainer(GRPOTrainer):
             gather=self._gather_padded,
             rollout_entropy=inputs.get("rollout_entropy"),
             rollout_logps=inputs.get("rollout_logps"),
+            ref_logps=inputs.get("ref_per_token_logps"),
+            kl_coef=float(self.beta),
+            bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
             carried={k[len(CARRY_PREFIX) :]: v for k, v in inputs.items() if k.startswith(CARRY_PREFIX)},
         )
         terms = self.pipeline.token_loss(batch)

@@ -230,3 +230,60 @@ def test_pear_runs_through_the_trainer_with_a_multi_token_marker(model_dir, tmp_
     metrics = trainer._metrics["train"]
     assert metrics["pear/missing_marker"] == [1.0]  # a random model never writes </think>
     assert "rewards/pear/mean" in metrics and "pear/think_entropy" in metrics
+
+
+@dataclass
+class RecomputeAdvantages(Method):
+    """Replaces TRL's advantages by ``batch.grpo_advantages`` of the same rewards: must change nothing."""
+
+    name = "recompute_advantages"
+
+    def advantage(self, advantages, batch):
+        return batch.grpo_advantages(batch.total_rewards())
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_grpo_advantages_equal_trls(model_dir, tmp_path, scale_rewards):
+    base = build(model_dir, tmp_path, [], scale_rewards=scale_rewards)
+    again = build(model_dir, tmp_path, [path(RecomputeAdvantages)], scale_rewards=scale_rewards)
+    rows = prompt_rows(2, 4)
+    assert torch.allclose(generate(base, rows)["advantages"], generate(again, rows)["advantages"], atol=1e-6)
+
+
+def test_aepo_injects_scored_extra_samples_through_the_trainer(model_dir, tmp_path):
+    trainer = build(model_dir, tmp_path, [{"name": "aepo", "num_samples": 8, "prompt_fraction": 0.5,
+                                          "injected_advantage": 3.0}], max_completion_length=4)
+    out = generate(trainer, prompt_rows(4, 4))
+    metrics = trainer._metrics["train"]
+    injected = int(metrics["aepo/injected"][0])
+    assert metrics["aepo/temperature"] == [1.2]  # the estimate starts at 0, below the target
+    assert 1 <= injected <= 8  # partial_credit gives every group spread; only the first half gets extras
+    marked = (out["advantages"] == 3.0).nonzero().flatten()
+    assert len(marked) == injected and int(marked.max()) < 8
+    assert trainer.pipeline.methods[0].state["estimate"] > 0  # updated from the rollout's log-probs
+
+
+@pytest.mark.parametrize(("correction", "level"), [(True, "token"), (True, "sequence"), (False, "token")])
+def test_ares_scales_trls_kl_term_per_difficulty(model_dir, tmp_path, correction, level):
+    kwargs = dict(use_bias_correction_kl=correction, importance_sampling_level=level)
+    base = build(model_dir, tmp_path, [], beta=0.08, **kwargs)
+    ares = build(model_dir, tmp_path, [{"name": "ares", "kl_hwe_scale": 1.0}], beta=0.04, **kwargs)
+    ares.pipeline.methods[0].state["beta"] = {"easy": 2.0, "medium": 2.0, "hard": 2.0}
+    rows = prompt_rows(2, 4)
+    b_out, a_out = generate(base, rows), generate(ares, rows)
+    # first batch: bucket targets start at the bucket means, so the paper-mode reward is unchanged
+    assert torch.allclose(a_out["advantages"], b_out["advantages"])
+    assert "carry/ares/bucket" in a_out and "carry/ares/relax" in a_out
+    # policy == reference at initialisation (KL and its gradient vanish): move the reference away
+    b_out = off_policy(base, b_out)
+    noise = 0.5 * torch.randn(b_out["ref_per_token_logps"].shape, generator=torch.Generator().manual_seed(2))
+    b_out["ref_per_token_logps"] = b_out["ref_per_token_logps"] + noise
+    a_out["ref_per_token_logps"] = b_out["ref_per_token_logps"].clone()
+    a_out["old_per_token_logps"] = b_out["old_per_token_logps"].clone()
+    b_loss, b_grads = loss_and_grads(base, b_out)
+    a_loss, a_grads = loss_and_grads(ares, a_out)
+    assert a_loss.item() == pytest.approx(b_loss.item(), rel=1e-5)  # beta 0.04 x 2 == beta 0.08
+    for name, g in b_grads.items():
+        assert torch.allclose(a_grads[name], g, atol=1e-6), name
+    assert ares._metrics["train"]["ares/beta_easy"] == [2.0]
+    assert ares.pipeline.methods[0].state["kl_calls"] == 1

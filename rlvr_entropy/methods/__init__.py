@@ -4,7 +4,18 @@ Every method module is imported here explicitly (no auto-discovery), so the regi
 soon as the package is imported.
 """
 
-from rlvr_entropy.methods import canon, clip_cov, entropy_bonus, high_entropy_tokens, kl_cov, pear, seed_grpo, steer  # noqa: F401  (imported to register them)
+from rlvr_entropy.methods import (  # noqa: F401  (imported to register them)
+    aepo,
+    ares,
+    canon,
+    clip_cov,
+    entropy_bonus,
+    high_entropy_tokens,
+    kl_cov,
+    pear,
+    seed_grpo,
+    steer,
+)
 from rlvr_entropy.methods.base import (
     METHODS,
     ROLLOUT_STATS,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rlvr_entropy.registry import Registry, closest
+from rlvr_entropy.tensor_ops import grpo_advantages
 
 #: Rollout statistics a method can declare in ``needs``; the trainer computes only the union.
 #: - ``entropy``: behaviour-policy token entropy at each completion position (N, T)
@@ -56,11 +57,14 @@ class Rollout:
     """Completions for the rows of one ``_generate_single_turn`` call, plus per-row rollout statistics.
 
     ``stats[name][i]`` is a 1-D float32 tensor with one value per completion token of row ``i``.
+    ``tags[name]`` is a (B,) float32 tensor a rollout hook attaches to its rows (``RolloutContext.tag``);
+    the trainer gathers it for the reward and advantage hooks (``RolloutBatch.tag``).
     """
 
     completion_ids: list[list[int]]
     logprobs: list[list[float]] | None = None
     stats: dict[str, list[Tensor]] = field(default_factory=dict)
+    tags: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -76,18 +80,26 @@ class Rollout:
         ids = list(self.completion_ids)
         logprobs = None if self.logprobs is None or other.logprobs is None else list(self.logprobs)
         stats = {k: list(v) for k, v in self.stats.items()}
+        tags = {k: v.clone() for k, v in self.tags.items()}
         for j, i in enumerate(rows):
             ids[i] = other.completion_ids[j]
             if logprobs is not None:
                 logprobs[i] = other.logprobs[j]  # type: ignore[index]
             for k in stats:
                 stats[k][i] = other.stats[k][j]
-        return Rollout(ids, logprobs, stats)
+            for k in tags:
+                tags[k][i] = other.tags[k][j] if k in other.tags else 0.0
+        return Rollout(ids, logprobs, stats, tags)
 
 
 #: ``generate(rows, temperature)`` samples completions for the given rows of the current batch
 #: (all rows if None) at the given temperature (the configured one if None).
 GenerateFn = Callable[[list[int] | None, float | None], Rollout]
+
+#: ``score(rows, rollout)`` runs the user reward functions on ``rollout`` (one completion per listed
+#: row of the current batch) and returns their weighted sum, (len(rows),) float32, NaN where no
+#: function gave a reward. Every process must call it, with the same number of rows.
+ScoreFn = Callable[[list[int], Rollout], Tensor]
 
 
 @dataclass
@@ -101,11 +113,25 @@ class RolloutContext:
     training: bool
     generator: torch.Generator  # seeded from (seed, step, process): draws repeat across runs
     process_index: int = 0  # row i here is row process_index * len(prompt_ids) + i of the global batch
+    num_processes: int = 1
+    score: ScoreFn | None = None  # the trainer's reward functions, for hooks that filter what they sample
     metrics: dict[str, float] = field(default_factory=dict)
     _prefix: str = ""
 
     def log(self, name: str, value: float) -> None:
+        """Log ``<method>/<name>``; the value must already be global (equal on every process)."""
         self.metrics[f"{self._prefix}{name}"] = float(value)
+
+    def global_rows(self) -> Tensor:
+        """Index of each local row in the gathered batch, (B,) long; ``// group_size`` gives its group."""
+        start = self.process_index * len(self.prompt_ids)
+        return torch.arange(start, start + len(self.prompt_ids))
+
+    def tag(self, rollout: Rollout, name: str, values: Tensor) -> None:
+        """Attach a per-row value, (B,), that this method's reward/advantage hooks read with ``batch.tag(name)``."""
+        if values.shape != (len(rollout),):
+            raise ValueError(f"tag('{name}') needs one value per row ({len(rollout)}), got {tuple(values.shape)}")
+        rollout.tags[f"{self._prefix}{name}"] = values.detach().float().cpu()
 
 
 @dataclass
@@ -133,9 +159,24 @@ class RolloutBatch:
     phases: Tensor | None = None  # (N,) position of the first thinking-end marker, -1 if absent
     marker_length: int = 0  # tokens in the thinking-end marker (it can be split into several)
     seed: int = 0
+    scale_rewards: str = "group"  # TRL's setting, for ``grpo_advantages``
+    encode: Callable[[str], list[int]] | None = None  # the tokenizer, text -> ids without special tokens
+    tags: dict[str, Tensor] = field(default_factory=dict)  # (N,) each, from rollout hooks (``RolloutContext.tag``)
     metrics: dict[str, float] = field(default_factory=dict)
     carried: dict[str, Tensor] = field(default_factory=dict)
     _prefix: str = ""
+
+    def tag(self, name: str) -> Tensor:
+        """What this method's rollout hook attached to each row with ``ctx.tag(rollout, name, ...)``, (N,)."""
+        key = f"{self._prefix}{name}"
+        if key not in self.tags:
+            raise KeyError(f"no rollout tag '{key}': the method's rollout hook must call ctx.tag(rollout, '{name}', ...)")
+        return self.tags[key]
+
+    def grpo_advantages(self, rewards: Tensor) -> Tensor:
+        """TRL's group advantages of ``rewards`` (N,) under this run's ``scale_rewards``; NaN rewards are
+        left out of their group's baseline and get advantage 0 (TRL's rule for unscorable samples)."""
+        return grpo_advantages(rewards, self.group_size, self.scale_rewards)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, step, salt): identical on every process, so draws over
@@ -218,6 +259,9 @@ class LossBatch:
     gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
     rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
     rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
+    ref_logps: Tensor | None = None  # (B, T) reference-model log-probs, present when TRL's beta != 0
+    kl_coef: float = 0.0  # TRL's beta: its loss already holds beta * kl() per token
+    bias_correction_kl: bool = False  # TRL's use_bias_correction_kl
     carried: dict[str, Tensor] = field(default_factory=dict)  # from RolloutBatch.carry, this micro-batch's rows
     metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
     _prefix: str = ""
@@ -239,6 +283,20 @@ class LossBatch:
         low = (ratio < 1 - self.epsilon_low) & (self.advantages < 0)
         high = (ratio > 1 + self.epsilon_high) & (self.advantages > 0)
         return (low | high) & (self.mask > 0)
+
+    def kl(self) -> Tensor:
+        """TRL's per-token KL term before ``beta``, (B, T) with grad: the k3 estimator against the
+        reference model, times the importance weight when ``use_bias_correction_kl`` (as TRL does)."""
+        if self.ref_logps is None:
+            raise RuntimeError("kl() needs reference log-probs, which TRL computes only when beta != 0")
+        delta = self.ref_logps - self.logps
+        kl = torch.exp(delta) - delta - 1
+        if self.bias_correction_kl:
+            log_ratio = self.logps - self.old_logps
+            if self.importance_sampling_level == "sequence":
+                log_ratio = ((log_ratio * self.mask).sum(-1) / self.mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+            kl = kl * torch.exp(log_ratio)
+        return kl
 
     def generator(self, salt: int = 0, per_process: bool = False) -> torch.Generator:
         """A CPU generator seeded from (seed, step, micro-step, salt), optionally per process.
