@@ -61,7 +61,7 @@ from trl.data_utils import is_conversational
 
 from rlvr_entropy.config import EntropyGRPOConfig
 from rlvr_entropy.losses import aggregate
-from rlvr_entropy.methods.base import LossBatch, Rollout, RolloutBatch, RolloutContext, _stable_hash
+from rlvr_entropy.methods.base import LossBatch, MethodConfigError, Rollout, RolloutBatch, RolloutContext, _stable_hash
 from rlvr_entropy.methods.pipeline import Pipeline
 from rlvr_entropy.registry import Registry
 from rlvr_entropy.rollout_stats import GenerationRecorder, find_marker, masked_quantiles, pad_rows
@@ -134,6 +134,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
         clash = sorted(set(reward_methods) & set(self.reward_func_names))
         if clash:
             raise ValueError(f"reward function names clash with method names: {clash}")
+        for method in self.pipeline.methods:
+            missing = [n for n in method.reward_inputs() if n not in self.reward_func_names]
+            if missing:
+                raise MethodConfigError(
+                    f"method '{method.name}' reads reward function {missing[0]!r}, which this run does not have "
+                    f"(reward functions: {', '.join(self.reward_func_names)}); set {method.name}.correct_from "
+                    "or add the reward function"
+                )
         # Method reward columns are summed by TRL like any reward function, with weight 1.
         self.reward_func_names = [*self.reward_func_names, *reward_methods]
         self.reward_weights = torch.cat([self.reward_weights, torch.ones(len(reward_methods))])

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, set_seed
 from trainer_utils import cpu_args, prompt_rows
 
 from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
-from rlvr_entropy.methods import Method, TokenTerms
+from rlvr_entropy.methods import Method, MethodConfigError, TokenTerms
 from rlvr_entropy.tasks import make_dataset
 from rlvr_entropy.tasks.rewards import correctness
 
@@ -287,3 +287,9 @@ def test_ares_scales_trls_kl_term_per_difficulty(model_dir, tmp_path, correction
         assert torch.allclose(a_grads[name], g, atol=1e-6), name
     assert ares._metrics["train"]["ares/beta_easy"] == [2.0]
     assert ares.pipeline.methods[0].state["kl_calls"] == 1
+
+
+@pytest.mark.parametrize("name", ["pear", "ares"])
+def test_a_method_reading_a_missing_reward_function_fails_when_built(model_dir, tmp_path, name):
+    with pytest.raises(MethodConfigError, match="reads reward function 'accuracy'.*correctness, partial_credit"):
+        build(model_dir, tmp_path, [{"name": name, "correct_from": "accuracy", **({"kl": False} if name == "ares" else {})}])

@@ -221,6 +221,9 @@ class Ares(Method):
     kl_step: float = 0.05  # log-space step per update (error clipped to +-0.2)
     kl_update_every: int = 100  # loss micro-batches between coefficient updates
 
+    def reward_inputs(self) -> list[str]:
+        return [self.correct_from]
+
     def validate(self) -> None:
         if self.window < 1:
             raise MethodConfigError(f"ares.window must be >= 1, got {self.window}")

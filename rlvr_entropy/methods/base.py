@@ -363,6 +363,10 @@ class Method:
     def init_state(self) -> dict[str, Any]:
         return {}
 
+    def reward_inputs(self) -> list[str]:
+        """Names of the run's reward functions this method reads (checked when the trainer is built)."""
+        return []
+
     # -- hooks (identity by default) ----------------------------------------------------------------------
     def configure(self, args: Any) -> None:
         """Adjust the TRL configuration before the trainer is built (used to expose TRL's own features)."""

@@ -80,6 +80,9 @@ class Pear(Method):
     correct_from: str = "correctness"  # the reward function whose value (>= 0.5) means "correct"
     missing_marker: Literal["all_tokens", "exclude_last"] = "all_tokens"
 
+    def reward_inputs(self) -> list[str]:
+        return [self.correct_from]
+
     def validate(self) -> None:
         if self.score > 1.0:
             raise MethodConfigError(f"pear.score is capped at 1 by the formula min(1, score - P), got {self.score}")
