@@ -101,3 +101,25 @@ def test_group_advantages_are_the_same_on_one_and_two_processes(model_dir, tmp_p
     _, two = run_scope_worker(model_dir, tmp_path, method, 2)
     assert len(one) == 12 and any(abs(a) > 1e-3 for a in one)
     assert two == pytest.approx(one, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize(("methods", "keys"), [
+    ("[{name: aepo, num_samples: 4, prompt_fraction: 0.5}]", ["aepo/injected", "aepo/temperature", "aepo/estimate"]),
+    ("[{name: ares, mode: code, window: 2, kl_update_every: 1}]", ["ares/hwe", "ares/threshold", "ares/beta_easy"]),
+], ids=["aepo", "ares"])
+def test_methods_that_gather_inside_their_hooks_run_on_two_processes(tiny_model_path, tmp_path, methods, keys):
+    """AEPO scores extra samples inside the rollout (a gather per batch), ARES gathers KL sums per micro-batch:
+    every rank must make the same collective calls, or the run hangs."""
+    recipe = HERE.parent / "recipes" / "tiny" / "grpo.yaml"
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
+    cmd = [*LAUNCHERS["torchrun"], "-m", "rlvr_entropy", "train", str(recipe), "max_steps=2", f"methods={methods}",
+           "beta=0.01", "per_device_train_batch_size=8", "steps_per_generation=1", "num_generations=4",
+           f"output_dir={out}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*lines)
+    assert set(keys) <= logged, sorted(logged)
