@@ -1,4 +1,4 @@
-"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods, plot runs, evaluate.
+"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods, plot and analyse runs, evaluate.
 
 Works the same under ``torchrun`` / ``accelerate launch``: ``torchrun --nproc_per_node 2 -m rlvr_entropy
 train RECIPE.yaml``.
@@ -44,14 +44,68 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rlvr_entropy.plotting import plot_runs, read_metrics, summarize
+    from rlvr_entropy.plotting import plot_runs
 
-    path = plot_runs(args.runs, args.output)
+    path = plot_runs(args.runs, args.output, smooth_window=args.smooth)
     print(f"wrote {path}")
-    for run in args.runs:
-        s = summarize(read_metrics(run))
-        parts = [f"{k.split('@')[0]} {s[k]:.3f} -> {s[k.replace('@start', '@end')]:.3f}" for k in s if k.endswith("@start")]
-        print(f"{run} ({int(s['steps'])} steps, first vs last 10): " + ", ".join(parts))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rlvr_entropy.analysis import compare_table, load_run, summarize_run
+
+    summaries = [summarize_run(load_run(run), window=args.window) for run in args.runs]
+    print(compare_table(summaries, markdown=args.markdown, window=args.window))
+    return 0
+
+
+def _fit_law(args: argparse.Namespace) -> int:
+    from rlvr_entropy.analysis import AnalysisError, fit_run_law, load_run
+    from rlvr_entropy.plotting import LawPoints, law_figure, save_figure
+
+    fitted, refused = [], []
+    for run_dir in args.runs:
+        run = load_run(run_dir)
+        try:
+            fit, h_key, r_key = fit_run_law(run.rows, entropy_key=args.entropy_key, performance=args.metric,
+                                            min_points=args.min_points, min_entropy_range=args.min_entropy_range)
+        except AnalysisError as err:
+            refused.append(f"{run_dir}: {err}")
+            continue
+        fitted.append(LawPoints(run, fit, h_key, r_key))
+        print(f"{run.label}: R = -a*exp(H) + b on {fit.n} points ({r_key} vs {h_key}, "
+              f"H from {fit.entropy_min:.3f} to {fit.entropy_max:.3f} nats)")
+        print(f"  a = {fit.a:.4f}  b = {fit.b:.4f}  R^2 = {fit.r2:.3f}  "
+              f"predicted ceiling -a + b = {fit.ceiling:.4f} (performance at H = 0)")
+        if fit.a <= 0:
+            print("  note: a <= 0, performance did not rise as entropy fell; the ceiling is not an upper bound")
+    if fitted:
+        print(f"wrote {save_figure(law_figure(fitted), args.output)}")
+    if refused:
+        raise AnalysisError("refused to fit the law:\n  " + "\n  ".join(refused))
+    return 0
+
+
+def _covariance(args: argparse.Namespace) -> int:
+    from rlvr_entropy.analysis import AnalysisError, load_run, run_covariance_diagnostic
+    from rlvr_entropy.plotting import covariance_figure, save_figure
+
+    results, refused = [], []
+    for run_dir in args.runs:
+        run = load_run(run_dir)
+        try:
+            d = run_covariance_diagnostic(run.rows, min_points=args.min_points)
+        except AnalysisError as err:
+            refused.append(f"{run_dir}: {err}")
+            continue
+        results.append((run, d))
+        print(f"{run.label}: {d.n} steps; per step corr(dH, Cov) = {d.correlation:.3f}, slope {d.slope:.3g}, "
+              f"sign(dH) = -sign(Cov) on {100 * d.sign_agreement:.0f}%; cumulative H(t) - H(0) ~ -eta * sum Cov: "
+              f"eta = {d.eta:.3g}, corr = {d.cumulative_correlation:.3f}")
+    if results:
+        print(f"wrote {save_figure(covariance_figure(results), args.output)}")
+    if refused:
+        raise AnalysisError("no covariance diagnostic for:\n  " + "\n  ".join(refused))
     return 0
 
 
@@ -80,10 +134,30 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_config)
     p = sub.add_parser("methods", help="list the registered methods and the hooks each uses")
     p.set_defaults(func=_methods)
-    p = sub.add_parser("plot", help="plot entropy, reward and length curves of one or more runs")
+    p = sub.add_parser("plot", help="plot entropy, reward, length and method-statistic curves of one or more runs")
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("--smooth", type=int, default=5, help="moving-mean window of noisy curves, in logged points (1: raw)")
     p.set_defaults(func=_plot)
+    p = sub.add_parser("compare", help="table of final/best accuracy, entropy start/end/min, length, steps, wall time")
+    p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--window", type=int, default=5, help="logged values averaged for start/final/best/min")
+    p.set_defaults(func=_compare)
+    p = sub.add_parser("fit-law", help="fit R = -a*exp(H) + b (Cui et al. 2025) to a run's entropy and accuracy; "
+                       "print a, b, R^2 and the ceiling -a + b, draw the fit")
+    p.add_argument("runs", nargs="+", help="run directories; each is fitted on its own")
+    p.add_argument("-o", "--output", default="entropy_law.png")
+    p.add_argument("--metric", help="performance key (default: rewards/correctness/mean, else reward)")
+    p.add_argument("--entropy-key", help="entropy key (default: rollout_entropy/mean, else entropy)")
+    p.add_argument("--min-points", type=int, default=5)
+    p.add_argument("--min-entropy-range", type=float, default=0.05, help="refuse when entropy spans less (nats)")
+    p.set_defaults(func=_fit_law)
+    p = sub.add_parser("covariance", help="entropy change per step against the logged Cov(log pi, A): correlation and plot")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("-o", "--output", default="covariance.png")
+    p.add_argument("--min-points", type=int, default=3)
+    p.set_defaults(func=_covariance)
     p = sub.add_parser("evaluate", help="sampling accuracy of a model (a run directory, or 'tiny') on a synthetic task")
     p.add_argument("model")
     p.add_argument("--task", default="arithmetic")
@@ -93,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
 
+    from rlvr_entropy.analysis import AnalysisError
     from rlvr_entropy.config import RecipeError
     from rlvr_entropy.methods.base import MethodConfigError
 
     try:
         return args.func(args)
-    except (RecipeError, MethodConfigError, FileNotFoundError) as err:
+    except (RecipeError, MethodConfigError, FileNotFoundError, AnalysisError) as err:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"rlvr-entropy: error: {err}", file=sys.stderr)

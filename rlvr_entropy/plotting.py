@@ -1,108 +1,276 @@
-"""Entropy, reward and length curves from ``metrics.jsonl`` files, one line per run, aligned by step.
+"""Figures from ``metrics.jsonl`` files: training curves of several runs, the entropy-performance law
+fit and the covariance diagnostic. The numbers come from :mod:`rlvr_entropy.analysis`.
 
-Reads files that are still being written (a torn last line is skipped), so it works during a run.
+Each figure is built by a ``*_figure`` function that returns the matplotlib Figure (so tests and
+notebooks can inspect panels and legends), and saved by ``save_figure``. Files still being written
+are read as they are (a torn last line is skipped), so this works during a run.
 """
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
+from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers import them from here)
+    ACCURACY,
+    COVARIANCE,
+    ENTROPY,
+    LENGTH,
+    REWARD,
+    ROLLOUT_ENTROPY,
+    AnalysisError,
+    CovarianceDiagnostic,
+    LawFit,
+    Run,
+    load_run,
+    method_stat_keys,
+    moving_means,
+    paired,
+    read_metrics,
+    run_label,
+    series,
+)
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Training log lines of a run (eval lines and the final summary excluded), in step order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-        if "train_runtime" in row or any(k.startswith("eval_") for k in row):
-            continue
-        rows.append(row)
-    return sorted(rows, key=lambda r: r.get("step", 0))
-
-
-def series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
-    for row in rows:
-        value = row.get(key)
-        if isinstance(value, int | float) and math.isfinite(value):
-            steps.append(row["step"])
-            values.append(float(value))
-    return steps, values
-
-
-def run_label(run_dir: str | Path) -> str:
-    """The run's directory name plus the methods it used (from its saved config, if any)."""
-    path = Path(run_dir)
-    label = path.name
-    recipe = path / "recipe.yaml"
-    if recipe.is_file():
-        methods = (yaml.safe_load(recipe.read_text()) or {}).get("methods") or []
-        names = "+".join(m.get("name", "?") for m in methods if isinstance(m, dict)) or "grpo"
-        if names != label:
-            label += f" [{names}]"
-    return label
-
-
-def summarize(rows: list[dict[str, Any]], window: int = 10) -> dict[str, float]:
-    """Mean of reward and entropies over the first and the last ``window`` logged steps."""
-    out: dict[str, float] = {"steps": float(rows[-1]["step"]) if rows else 0.0}
-    for key in ("reward", "entropy", "rollout_entropy/mean", "completions/mean_length"):
-        _, values = series(rows, key)
-        if values:
-            out[f"{key}@start"] = sum(values[:window]) / len(values[:window])
-            out[f"{key}@end"] = sum(values[-window:]) / len(values[-window:])
-    return out
-
-
-PANELS = [
-    ("token entropy (training pass)", "entropy", ("entropy/p10", "entropy/p90")),
-    ("token entropy (rollout)", "rollout_entropy/mean", ("rollout_entropy/p10", "rollout_entropy/p90")),
-    ("Cov(log pi, A) over valid tokens (drives entropy change)", "covariance/logp_adv", None),
-    ("reward", "reward", None),
-    ("completion length", "completions/mean_length", None),
+__all__ = [
+    "Panel", "covariance_figure", "law_figure", "plot_runs", "read_metrics", "run_label", "runs_figure",
+    "save_figure", "series", "training_panels",
 ]
 
+THINK, ANSWER = "pear/think_entropy", "pear/answer_entropy"
+PANEL_W, PANEL_H = 5.6, 2.5   # inches per panel: two columns fit a laptop screen and a README
 
-def plot_runs(run_dirs: list[str | Path], output: str | Path) -> Path:
-    """Draw one panel per quantity (mean line, p10-p90 band where logged) for every run."""
-    runs = [(run_label(d), read_metrics(d)) for d in run_dirs]
-    panels = [p for p in PANELS if any(series(rows, p[1])[0] for _, rows in runs)]
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: its title and the keys drawn in it, each (key, line style); ``band`` is a
+    (low, high) pair of keys filled around the first key; ``smooth`` adds a moving mean for noisy
+    per-rollout values."""
+
+    title: str
+    keys: tuple[tuple[str, str], ...]
+    band: tuple[str, str] | None = None
+    note: str | None = None       # legend for line styles when a panel draws several keys per run
+    smooth: bool = False
+
+
+def known_methods() -> list[str]:
+    """Registered method names (imported lazily: the registry pulls in torch)."""
+    from rlvr_entropy.methods import METHODS
+
+    return list(METHODS)
+
+
+def _logged(runs: Sequence[Run], key: str) -> bool:
+    return any(series(run.rows, key)[0] for run in runs)
+
+
+def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Panel]:
+    """The panels these runs have data for: entropy (training pass, rollout, by phase), reward and
+    accuracy, length, Cov(log pi, A), then every statistic of every method (``<method>/<stat>``)."""
+    candidates = [
+        Panel("token entropy, training pass (nats): mean, p10-p90 band", ((ENTROPY, "-"),), ("entropy/p10", "entropy/p90")),
+        Panel("token entropy, rollouts (nats): mean, p10-p90 band", ((ROLLOUT_ENTROPY, "-"),),
+              ("rollout_entropy/p10", "rollout_entropy/p90")),
+        Panel("entropy by phase (nats): think vs answer", ((THINK, "-"), (ANSWER, "--")),
+              note="solid: think, dashed: answer"),
+        Panel("reward (all reward functions and shaping)", ((REWARD, "-"),), smooth=True),
+    ]
+    # Accuracy gets its own panel only when it differs from the reward (shaping or several functions).
+    if any(r.get(ACCURACY) != r.get(REWARD) for run in runs for r in run.rows if ACCURACY in r):
+        candidates.append(Panel(f"accuracy ({ACCURACY})", ((ACCURACY, "-"),), smooth=True))
+    candidates += [
+        Panel("completion length (tokens, mean)", ((LENGTH, "-"),)),
+        Panel("Cov(log pi, A) of valid tokens (> 0: entropy falls)", ((COVARIANCE, "-"),), smooth=True),
+    ]
+    panels = [p for p in candidates if any(_logged(runs, k) for k, _ in p.keys)]
+    stats: dict[str, list[str]] = {}
+    for run in runs:
+        for method, keys in method_stat_keys(run.rows, [*methods, *run.methods]).items():
+            stats.setdefault(method, [])
+            stats[method] += [k for k in keys if k not in stats[method] and k not in (THINK, ANSWER)]
+    for keys in stats.values():
+        panels += [Panel(key, ((key, "-"),), smooth=True) for key in keys if _logged(runs, key)]
+    return panels
+
+
+def _rollout_period(run: Run) -> int:
+    """Optimizer steps per generation batch, read off the steps that logged a reward."""
+    steps, _ = series(run.rows, REWARD)
+    gaps = sorted(b - a for a, b in zip(steps, steps[1:]) if b > a)
+    return gaps[len(gaps) // 2] if gaps else 1
+
+
+def _smoothing_window(run: Run, steps: Sequence[int], points: int) -> int:
+    """``points`` logged values for once-per-rollout series; for per-step series a whole number of
+    rollouts (at least ``points`` steps), so statistics that cycle with the rollout (KL-Cov is inert
+    on its first update) do not leave a saw-tooth in the mean."""
+    period = _rollout_period(run)
+    per_step = len(steps) > 1 and steps[1] - steps[0] < period
+    return period * -(-points // period) if per_step and period > 1 else points
+
+
+def runs_figure(
+    run_dirs: Sequence[str | Path] | None = None,
+    *,
+    runs: Sequence[Run] | None = None,
+    methods: Iterable[str] | None = None,
+    smooth_window: int = 5,
+) -> Figure:
+    """Training curves of runs aligned by step, one panel per quantity, one colour per run.
+
+    ``methods``: names whose ``<method>/<stat>`` keys get panels (default: the registered methods);
+    each run's own recipe methods are always included. Noisy series (reward, accuracy, covariance,
+    method statistics) are drawn faint with a moving mean over them: of ``smooth_window`` logged
+    values for once-per-rollout series, of whole rollouts (at least ``smooth_window`` steps) for
+    per-step ones, where a run has more than four windows of points; ``smooth_window=1`` draws them raw.
+    """
+    if runs is None:
+        runs = [load_run(d) for d in run_dirs or []]
+    if not runs:
+        raise AnalysisError("no runs to plot")
+    panels = training_panels(runs, known_methods() if methods is None else methods)
     if not panels:
-        raise ValueError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, key, band) in zip(axes[:, 0], panels, strict=True):
-        for label, rows in runs:
-            steps, values = series(rows, key)
-            if not steps:
-                continue
-            (line,) = ax.plot(steps, values, label=label)
-            if band is not None:
-                lo_steps, lo = series(rows, band[0])
-                hi_steps, hi = series(rows, band[1])
+        raise AnalysisError(f"no plottable metrics in {', '.join(str(r.path) for r in runs)} (has a step been logged yet?)")
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows + 0.6), sharex=True, squeeze=False)
+    colors = {run.path: f"C{i % 10}" for i, run in enumerate(runs)}
+    band_alpha = 0.15 if len(runs) == 1 else 0.06  # overlapping bands stay readable
+    for ax, panel in zip(axes.flat, panels):
+        smoothed = False
+        for run in runs:
+            for key, style in panel.keys:
+                steps, values = series(run.rows, key)
+                if not steps:
+                    continue
+                color = colors[run.path]
+                window = _smoothing_window(run, steps, smooth_window)
+                if panel.smooth and window > 1 and len(values) > 4 * window:
+                    ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=0.8)
+                    ax.plot(steps[window - 1 :], moving_means(values, window), style, color=color, linewidth=1.5)
+                    smoothed = True
+                else:
+                    ax.plot(steps, values, style, color=color, linewidth=1.3)
+            if panel.band is not None:
+                lo_steps, lo = series(run.rows, panel.band[0])
+                hi_steps, hi = series(run.rows, panel.band[1])
                 if lo_steps and lo_steps == hi_steps:
-                    alpha = 0.15 if len(runs) == 1 else 0.06  # overlapping bands stay readable
-                    ax.fill_between(lo_steps, lo, hi, color=line.get_color(), alpha=alpha, linewidth=0)
-        ax.set_title(title, fontsize=10)
+                    ax.fill_between(lo_steps, lo, hi, color=colors[run.path], alpha=band_alpha, linewidth=0)
+                    # thin edges say whose band it is where the bands of several runs overlap
+                    for edge in (lo, hi):
+                        ax.plot(lo_steps, edge, color=colors[run.path], alpha=0.45, linewidth=0.6)
+        title = panel.title + (" (bold: moving mean)" if smoothed else "")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
+        ax.tick_params(labelsize=8)
+        if panel.note:
+            styles = [Line2D([], [], color="0.3", linestyle=s) for _, s in panel.keys]
+            ax.legend(styles, panel.note.split(", "), fontsize=7, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("step", fontsize=9)
+    if len(panels) % ncols:  # the last row is short: give the panel above the empty slot its tick labels
+        axes[-2, -1].xaxis.set_tick_params(labelbottom=True)
+        axes[-2, -1].set_xlabel("step", fontsize=9)
+    handles = [Line2D([], [], color=colors[run.path], linewidth=2) for run in runs]
+    fig.legend(handles, [run.label for run in runs], loc="upper center", ncol=min(len(runs), 3), fontsize=9, frameon=False)
+    legend_rows = -(-len(runs) // 3)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.22 * legend_rows) / fig.get_figheight()))
+    return fig
+
+
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, **kwargs) -> Path:
+    """Draw :func:`runs_figure` to ``output`` (PNG, SVG, PDF by suffix)."""
+    return save_figure(runs_figure(run_dirs, **kwargs), output)
+
+
+def save_figure(fig: Figure, output: str | Path, dpi: int = 110) -> Path:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
+    fig.savefig(output, dpi=dpi)
     plt.close(fig)
     return output
+
+
+@dataclass(frozen=True)
+class LawPoints:
+    """One run's fit and the points it was fitted to, for :func:`law_figure`."""
+
+    run: Run
+    fit: LawFit
+    entropy_key: str
+    performance_key: str
+
+    def points(self) -> tuple[list[int], list[float], list[float]]:
+        return paired(self.run.rows, self.entropy_key, self.performance_key)
+
+
+def law_figure(fits: Sequence[LawPoints]) -> Figure:
+    """Performance against entropy with the fitted R = -a*exp(H) + b of each run, drawn down to
+    H = 0 (dotted beyond the observed entropies), and the predicted ceiling -a + b marked at H = 0."""
+    import math
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for i, item in enumerate(fits):
+        color, fit = f"C{i % 10}", item.fit
+        _, h, r = item.points()
+        ax.scatter(h, r, s=12, color=color, alpha=0.45, linewidths=0)
+        grid = [fit.entropy_min + (fit.entropy_max - fit.entropy_min) * k / 100 for k in range(101)]
+        label = f"{item.run.label}: a={fit.a:.3g}, b={fit.b:.3g}, R\u00b2={fit.r2:.2f}, ceiling {fit.ceiling:.3f}"
+        ax.plot(grid, [fit.predict(x) for x in grid], color=color, linewidth=1.8, label=label)
+        below = [fit.entropy_min * k / 50 for k in range(51)]
+        ax.plot(below, [fit.predict(x) for x in below], ":", color=color, linewidth=1.4)
+        ax.plot([0], [fit.ceiling], "*", color=color, markersize=11, markeredgecolor="k", markeredgewidth=0.5)
+        if math.isfinite(fit.ceiling):
+            ax.axhline(fit.ceiling, color=color, linewidth=0.6, alpha=0.4)
+    keys = sorted({f"{f.performance_key} vs {f.entropy_key}" for f in fits})
+    ax.set_xlabel(f"entropy H (nats): {', '.join(sorted({f.entropy_key for f in fits}))}", fontsize=9)
+    ax.set_ylabel(", ".join(sorted({f.performance_key for f in fits})), fontsize=9)
+    ax.set_title("R = -a\u00b7exp(H) + b (Cui et al. 2025); \u2605 = predicted ceiling at H = 0", fontsize=10)
+    ax.set_xlim(left=-0.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.text(0.01, 0.01, "dots: logged steps (" + "; ".join(keys) + "); dotted: extrapolation", fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def covariance_figure(diagnostics: Sequence[tuple[Run, CovarianceDiagnostic]]) -> Figure:
+    """Per run: (left) entropy change of each step against that step's Cov(log pi, A), with the
+    least-squares line and the correlation; (right) the entropy's change since the start against
+    -eta * (covariance summed so far), eta fitted."""
+    fig, axes = plt.subplots(len(diagnostics), 2, figsize=(11, 3.4 * len(diagnostics)), squeeze=False)
+    for i, (run, d) in enumerate(diagnostics):
+        color = f"C{i % 10}"
+        left, right = axes[i]
+        left.scatter(d.covariance, d.delta, s=10, color=color, alpha=0.5, linewidths=0)
+        lo, hi = min(d.covariance), max(d.covariance)
+        mc, md = sum(d.covariance) / d.n, sum(d.delta) / d.n
+        if d.slope == d.slope:  # not NaN
+            left.plot([lo, hi], [md + d.slope * (lo - mc), md + d.slope * (hi - mc)], color="k", linewidth=1)
+        left.axhline(0, color="0.5", linewidth=0.6)
+        left.set_title(f"{run.label}: per step, corr = {d.correlation:.2f}, sign(\u0394H) = -sign(Cov) on "
+                       f"{100 * d.sign_agreement:.0f}% of {d.n}", fontsize=9)
+        left.set_xlabel("Cov(log pi, A) of step t", fontsize=9)
+        left.set_ylabel("\u0394H = H(t+1) - H(t)", fontsize=9)
+        h0 = d.entropy[0]
+        right.plot(d.steps, [h - h0 for h in d.entropy], color=color, linewidth=1.4, label="H(t) - H(start)")
+        right.plot(d.steps, [-d.eta * c for c in d.cumulative_covariance], "--", color="k", linewidth=1.2,
+                   label=f"-\u03b7\u00b7\u03a3 Cov, \u03b7 = {d.eta:.3g}")
+        right.set_title(f"cumulative: corr = {d.cumulative_correlation:.2f}", fontsize=9)
+        right.set_xlabel("step", fontsize=9)
+        right.legend(fontsize=8)
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return fig
