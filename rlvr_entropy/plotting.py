@@ -112,6 +112,8 @@ def _smoothing_window(run: Run, steps: Sequence[int], points: int) -> int:
     """``points`` logged values for once-per-rollout series; for per-step series a whole number of
     rollouts (at least ``points`` steps), so statistics that cycle with the rollout (KL-Cov is inert
     on its first update) do not leave a saw-tooth in the mean."""
+    if points <= 1:
+        return 1
     period = _rollout_period(run)
     per_step = len(steps) > 1 and steps[1] - steps[0] < period
     return period * -(-points // period) if per_step and period > 1 else points

@@ -51,18 +51,23 @@ def write_run(
     return run_dir
 
 
-def law_rows(steps: int = 40, per_generation: int = 4, h0: float = 1.0, slope: float = 0.015) -> list[dict[str, Any]]:
+def law_rows(
+    steps: int = 40, per_generation: int = 4, h0: float = 1.0, slope: float = 0.015, kl_cov: bool = False
+) -> list[dict[str, Any]]:
     """Rows shaped like a real run: training-pass metrics every step, rollout metrics (reward, rollout
     entropy, length) on generation steps only; accuracy follows the law exactly, the total reward
-    carries a shaping term, Cov > 0 and entropy falls by 0.01 * Cov per step."""
+    carries a shaping term, Cov > 0 and entropy falls by 0.01 * Cov per step. ``kl_cov``: with
+    KL-Cov's statistics."""
     rows = []
     h = h0
     for step in range(1, steps + 1):
         cov = 0.2 + 0.1 * math.sin(step)
         row: dict[str, Any] = {
             "step": step, "loss": 0.0, "entropy": h, "entropy/p10": h / 10, "entropy/p50": h, "entropy/p90": 2 * h,
-            "covariance/logp_adv": cov, "kl_cov/penalty": 0.001 * step, "kl_cov/selected": 7.0,
+            "covariance/logp_adv": cov,
         }
+        if kl_cov:
+            row.update({"kl_cov/penalty": 0.001 * step, "kl_cov/selected": 7.0})
         if (step - 1) % per_generation == 0:
             acc = -A * math.exp(h) + B
             row.update({
