@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rlvr_entropy.tasks import REWARDS, correctness, extract_answer, format_reward, get_reward
+from rlvr_entropy.tasks.rewards import reference_answer
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,55 @@ def test_get_reward_errors():
         get_reward("no_such_package.module:function")
     with pytest.raises(ValueError, match="not callable"):
         get_reward("rlvr_entropy.tasks.rewards:REWARDS")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("47+30=77 77+8=85</think>85", "85"),
+        ("47+30=77 77+8=85</think>86", "86"),  # the thinking's 85 is not the answer
+        ("</think>85", "85"),  # empty thinking
+        ("47+30=77 77+8=85 47+38=85</think> 85 ", "85"),
+        ("47+30=77 77+8=85</think>", None),  # thinking, marker, no answer
+        ("47+30=77 77+8=85", None),  # cut off (or stopped) before the marker: thinking is no answer
+        ("47+30", "47+30"),  # ... unless it is a bare expression, the rule of the bare-answer tasks
+        ("85", "85"),  # no thinking and no marker: a bare answer still answers
+        ("47+30=77</think>85</think>86", "86"),  # the last marker ends the reasoning
+    ],
+)
+def test_extract_answer_after_the_think_marker(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_correctness_scores_think_completions_by_the_answer_after_the_marker():
+    completions = ["47+30=77 77+8=85</think>85", "47+30=77 77+8=85</think>84", "</think>85", "47+30=77 77+8=85", ""]
+    assert correctness(["47+38="] * 5, completions, answer=["85"] * 5) == [1.0, 0.0, 1.0, 0.0, 0.0]
+
+
+GSM8K_REFERENCE = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+)
+
+
+def test_gsm8k_reference_is_the_number_after_the_hashes():
+    assert reference_answer(GSM8K_REFERENCE) == "72"
+    assert reference_answer("72") == "72" and reference_answer("\\frac{1}{2}") == "\\frac{1}{2}"
+    completions = ["\\boxed{72}", "<think>48+24=72</think>\n\nThe answer is \\boxed{72}.", "#### 72", "72",
+                   "\\boxed{24}", "\\boxed{48}", "#### 2"]
+    assert correctness(["q"] * 7, completions, answer=[GSM8K_REFERENCE] * 7) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert correctness(["q"], ["\\boxed{1000}"], answer=["so 1,000 in all.\n#### 1,000"]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Natalia sold 24 + 48 = 72 clips.\n#### 72", "72"),  # GSM8K's own answer format
+        ("<think>so #### 5</think>\nShe sold 72.\n#### 72\n", "72"),
+        ("#### 70\nwait, #### 72", "72"),  # the last one
+        ("####", None),
+        ("\\boxed{72}\n#### 70", "72"),  # a box takes precedence
+    ],
+)
+def test_extract_gsm8k_hash_answer(text, expected):
+    assert extract_answer(text) == expected

@@ -25,6 +25,9 @@ RewardFunc = Callable[..., list[float | None]]
 _BOXED = "\\boxed{"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_LINE = re.compile(r"Answer:[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+# GSM8K's final-answer line, "#### 72", in its reference solutions and in completions prompted for it.
+_HASH_LINE = re.compile(r"####[ \t]*(.+?)[ \t]*$", re.MULTILINE)
+THINK_MARKER = "</think>"
 # LaTeX commands that may appear in a bare mathematical answer.
 _LATEX_COMMANDS = re.compile(r"\\(?:[dt]?frac|sqrt|pi|cdot|times|left|right)")
 # What remains of a bare answer once LaTeX commands are removed: digits, operators, grouping.
@@ -64,26 +67,42 @@ def looks_like_expression(text: str) -> bool:
 def extract_answer(text: str | None) -> str | None:
     """The final answer in a completion, or None if it has none.
 
-    Only the text after the last ``</think>`` is considered, so reasoning never counts as the answer.
-    In order of precedence: the content of the last complete ``\\boxed{...}``; else the content of the
-    last ``<answer>...</answer>``; else what follows the last ``Answer:`` on its line (DAPO-Math's
-    format); else the whole stripped text if it looks like a number/expression.
+    Only the text after the last ``</think>`` is considered, so reasoning never counts as the answer
+    (``47+30=77 77+8=85</think>85`` answers 85 whatever numbers the thinking holds). In order of
+    precedence: the content of the last complete ``\\boxed{...}``; else the content of the last
+    ``<answer>...</answer>``; else what follows the last ``####`` on its line (GSM8K's format); else what
+    follows the last ``Answer:`` on its line (DAPO-Math's format); else the whole stripped text if it
+    looks like a number/expression.
     A completion that opens a box or an answer tag without closing it has no answer (it was cut off).
+
+    A completion without ``</think>`` is read as a whole by the same rules, as for tasks that never
+    think: a bare ``85`` still answers, while thinking that never reached the marker
+    (``47+30=77 77+8=85``, with ``=`` signs and spaces) is not a bare expression and has no answer.
+    Whether the marker is missing is for the method to weigh (PEAR: ``missing_marker``), not the reward.
     """
     if not text:
         return None
-    text = text.rsplit("</think>", 1)[-1]
+    text = text.rsplit(THINK_MARKER, 1)[-1]
     if _BOXED in text:
         answer = _last_boxed(text)
     elif "<answer>" in text:
         tagged = _ANSWER_TAG.findall(text)
         answer = tagged[-1] if tagged else None
+    elif _HASH_LINE.search(text):  # GSM8K's format: "#### 72"
+        answer = _HASH_LINE.findall(text)[-1]
     elif _ANSWER_LINE.search(text):  # DAPO-Math's format: a last line "Answer: $Answer"
         answer = _ANSWER_LINE.findall(text)[-1]
     else:
         answer = text if looks_like_expression(text.strip()) else None
     answer = answer.strip() if answer is not None else None
     return answer or None
+
+
+def reference_answer(reference: str) -> str:
+    """The final answer of a dataset reference: what follows the last ``####`` of a GSM8K-style worked
+    solution (``"...so she sold 72 clips.\\n#### 72"`` -> ``"72"``), else the reference unchanged."""
+    final = _HASH_LINE.findall(reference)
+    return final[-1] if final else reference
 
 
 def normalize_answer(answer: str) -> str:
@@ -106,11 +125,12 @@ def _safe_for_sympy(answer: str) -> bool:
 def answers_match(predicted: str, reference: str) -> bool:
     """Whether two answer strings denote the same value (``1/2``, ``0.5`` and ``\\frac{1}{2}`` do).
 
+    ``reference`` may be a GSM8K worked solution: only its ``#### <answer>`` counts (reference_answer).
     Fast paths first: equal normalised strings; two plain rationals compared exactly with Fraction.
     Then math-verify, with its signal-based timeouts disabled so reward functions also work off the
     main thread (see _safe_for_sympy for the guard that replaces the timeout).
     """
-    pred, ref = normalize_answer(predicted), normalize_answer(reference)
+    pred, ref = normalize_answer(predicted), normalize_answer(reference_answer(reference))
     if not pred or not ref:
         return False
     if pred == ref:
