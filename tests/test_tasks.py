@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import pytest
 
-from rlvr_entropy.tasks import TASKS, make_dataset, make_sft_dataset, problem_split
+from rlvr_entropy.tasks import TASKS, completion_budget, correctness, make_dataset, make_sft_dataset, problem_split
+from rlvr_entropy.tasks.arithmetic import _decomposition
 
 
 def evaluate_prompt(prompt: str) -> int:
@@ -68,3 +70,66 @@ def test_unknown_task_lists_valid_names():
     assert "Did you mean 'arithmetic'" in str(error.value)
     with pytest.raises(ValueError, match="split"):
         make_dataset("arithmetic", 4, seed=0, split="test")
+
+
+def test_think_task_poses_the_problems_of_arithmetic():
+    assert make_dataset("arithmetic_think", 100, seed=0)[:] == make_dataset("arithmetic", 100, seed=0)[:]
+    assert make_dataset("arithmetic_think", 50, seed=1, split="eval")[:] == make_dataset("arithmetic", 50, seed=1, split="eval")[:]
+    think_sft, bare_sft = make_sft_dataset("arithmetic_think", 200, seed=0), make_sft_dataset("arithmetic", 200, seed=0)
+    assert think_sft["prompt"] == bare_sft["prompt"], "the two warm starts see the same problems"
+    assert think_sft["completion"] != bare_sft["completion"]
+
+
+def check_step(step: str) -> None:
+    """One thinking step ``"a+b=c"`` / ``"a-b=c"`` is true arithmetic."""
+    left, _, result = step.partition("=")
+    assert re.fullmatch(r"\d+[+-]\d+", left) and re.fullmatch(r"\d+", result), step
+    assert evaluate_prompt(left + "=") == int(result), step
+
+
+def test_think_sft_completions_think_then_answer_after_the_marker():
+    sft = make_sft_dataset("arithmetic_think", 2000, seed=0)
+    budget = completion_budget("arithmetic_think")
+    thinking_lengths = []
+    for prompt, completion in zip(sft["prompt"], sft["completion"], strict=True):
+        assert completion.count("</think>") == 1, completion
+        thinking, answer = completion.split("</think>")
+        assert answer == str(evaluate_prompt(prompt)), (prompt, completion)
+        assert len(completion) <= TASKS["arithmetic_think"].max_completion_chars and len(completion) + 1 <= budget
+        steps = thinking.split(" ") if thinking else []
+        for step in steps:
+            check_step(step)
+        if steps:
+            assert steps[-1].endswith(f"={answer}"), "the thinking ends at the answer"
+        # the answer the reward reads is the one after the marker
+        assert correctness([prompt], [completion], answer=[answer]) == [1.0]
+        thinking_lengths.append(len(thinking))
+    counts = Counter(thinking_lengths)
+    # Thinking length varies for RL to act on: empty about 1 in 4, and many non-empty lengths.
+    assert 0.18 < counts[0] / len(thinking_lengths) < 0.32
+    assert len(counts) >= 8 and max(counts) >= 25
+    # Restated problems occur (the prompt itself, with its result, as the last step).
+    assert any(f" {p}" in c for p, c in zip(sft["prompt"], sft["completion"], strict=True))
+
+
+def test_think_decomposition_covers_every_problem():
+    """Every problem of the task (operands 0..99) decomposes into true steps within the length budget."""
+    longest = 0
+    for a in range(100):
+        for b in range(100):
+            for prompt in (f"{a}+{b}=", f"{max(a, b)}-{min(a, b)}="):
+                answer = str(evaluate_prompt(prompt))
+                steps = _decomposition(prompt).split(" ")
+                assert 1 <= len(steps) <= 2 and steps[-1].endswith(f"={answer}"), (prompt, steps)
+                for step in steps:
+                    check_step(step)
+                longest = max(longest, len(f"{' '.join(steps)} {prompt}{answer}</think>{answer}"))
+    assert longest == TASKS["arithmetic_think"].max_completion_chars
+
+
+def test_completion_budget():
+    assert completion_budget("arithmetic") == completion_budget("arithmetic_hard") == 8
+    assert completion_budget("arithmetic_think") == 48
+    for task in TASKS:
+        longest = max(len(c) for c in make_sft_dataset(task, 500, seed=0)["completion"])
+        assert longest + 1 <= completion_budget(task), task  # room for <eos>

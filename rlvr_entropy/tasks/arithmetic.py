@@ -9,6 +9,24 @@ Train/eval split convention: every problem belongs to exactly one split, decided
 of its prompt text (about 1 in 10 problems is held out for ``split="eval"``). So ``make_dataset(...,
 split="eval")`` never contains a prompt that ``split="train"`` (or ``make_sft_dataset``) can produce,
 whatever the seeds; the seed only chooses which problems of that split are drawn.
+
+``arithmetic_think``: the problems of ``arithmetic`` (same prompts for the same seed, same split) with a
+thinking phase before the answer, for methods that act on it (PEAR splits each response at the first
+``</think>``). SFT completions are ``<thinking></think><answer>`` with the bare integer answer after the
+marker, for example::
+
+    47+38=  ->  47+30=77 77+8=85</think>85           add the tens of the second operand, then its ones
+    47-38=  ->  47-30=17 17-8=9 47-38=9</think>9     ... and sometimes restate the problem with its result
+    47+38=  ->  </think>85                           no thinking at all
+    38+7=   ->  38+7=45</think>45                    one step when the second operand has one nonzero digit
+
+The thinking part varies in length on purpose: empty (1 in 4), the one- or two-step decomposition
+(1 in 2), or the decomposition followed by a redundant restatement (1 in 4), drawn independently for
+each SFT example. The warm-started model thus samples every length for the same prompt, so an RL method
+that rewards shorter (or longer) thinking has something to select from, and the decomposition makes the
+answer easier to get right than answering at once, so thinking is not free to drop. Every completion fits
+in ``completion_budget("arithmetic_think")`` characters. The reward reads only the text after the marker
+(``rlvr_entropy.tasks.rewards.extract_answer``), so numbers in the thinking never count as the answer.
 """
 
 from __future__ import annotations
@@ -17,9 +35,12 @@ import difflib
 import hashlib
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 from datasets import Dataset
+
+from rlvr_entropy.tasks.rewards import THINK_MARKER
 
 Split = Literal["train", "eval"]
 # A problem generator draws one (prompt, answer) pair from the given random stream.
@@ -61,13 +82,70 @@ def _three_operands(rng: random.Random) -> tuple[str, str]:
     return f"{a}{op1}{b}{op2}{c}=", str(result)
 
 
-TASKS: dict[str, ProblemGenerator] = {
-    "arithmetic": _add_sub,
-    "arithmetic_hard": _three_operands,
+# Probabilities of the three thinking forms of arithmetic_think (see the module docstring).
+THINK_EMPTY_PROBABILITY = 0.25
+THINK_RESTATE_PROBABILITY = 0.25
+
+
+def _decomposition(prompt: str) -> str:
+    """Step-by-step working for a two-operand prompt ``"a+b="`` / ``"a-b="``: tens of b first, then its ones.
+
+    ``47+38=`` gives ``47+30=77 77+8=85``. Each step changes one digit place of a running total, which is
+    easier for a tiny model than the whole sum at once. When b has a single nonzero digit (``38+7=``,
+    ``47+30=``) the one step is the problem itself.
+    """
+    op = "+" if "+" in prompt else "-"
+    a, b = (int(x) for x in prompt.rstrip("=").split(op))
+    sign = 1 if op == "+" else -1
+    tens, ones = b - b % 10, b % 10
+    if tens and ones:
+        middle = a + sign * tens
+        return f"{a}{op}{tens}={middle} {middle}{op}{ones}={middle + sign * ones}"
+    return f"{a}{op}{b}={a + sign * b}"
+
+
+def _think_completion(prompt: str, answer: str, rng: random.Random) -> str:
+    """An SFT completion of arithmetic_think: thinking of a random form (empty, steps, steps + restatement),
+    the marker, then the bare answer."""
+    draw = rng.random()
+    if draw < THINK_EMPTY_PROBABILITY:
+        thinking = ""
+    elif draw < THINK_EMPTY_PROBABILITY + THINK_RESTATE_PROBABILITY:
+        thinking = f"{_decomposition(prompt)} {prompt}{answer}"
+    else:
+        thinking = _decomposition(prompt)
+    return f"{thinking}{THINK_MARKER}{answer}"
+
+
+def _bare_answer(prompt: str, answer: str, rng: random.Random) -> str:
+    return answer
+
+
+# Writes the SFT completion of one problem; ``rng`` is for tasks whose completions vary in form.
+CompletionWriter = Callable[[str, str, random.Random], str]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic task: how its problems are drawn and how its warm-start completions are written."""
+
+    generate: ProblemGenerator
+    write_completion: CompletionWriter = _bare_answer
+    # Longest SFT completion in characters (one token each for the tiny tokenizer), EOS not included.
+    max_completion_chars: int = 4
+    # Name of the random stream the problems are drawn from: tasks sharing it pose the same problems.
+    problem_stream: str | None = None
+
+
+TASKS: dict[str, Task] = {
+    "arithmetic": Task(_add_sub, max_completion_chars=3),  # results 0..198
+    "arithmetic_hard": Task(_three_operands, max_completion_chars=4),  # results -198..297
+    # Longest: "99+90=189 189+9=198 99+99=198</think>198" (40 characters).
+    "arithmetic_think": Task(_add_sub, _think_completion, max_completion_chars=40, problem_stream="arithmetic"),
 }
 
 
-def _get_task(task: str) -> ProblemGenerator:
+def _get_task(task: str) -> Task:
     if task in TASKS:
         return TASKS[task]
     close = difflib.get_close_matches(task, list(TASKS), n=1)
@@ -89,12 +167,13 @@ def _sample_problems(task: str, n: int, seed: int, split: Split, stream: str) ->
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    generate = _get_task(task)
-    # Mixing task and stream names into the seed keeps their random streams independent.
-    rng = random.Random(f"{task}:{stream}:{seed}")
+    spec = _get_task(task)
+    # Mixing task and stream names into the seed keeps their random streams independent; a task that
+    # names another's problem stream draws exactly that task's problems.
+    rng = random.Random(f"{spec.problem_stream or task}:{stream}:{seed}")
     problems: list[tuple[str, str]] = []
     while len(problems) < n:
-        prompt, answer = generate(rng)
+        prompt, answer = spec.generate(rng)
         if problem_split(prompt) == split:
             problems.append((prompt, answer))
     return problems
@@ -111,11 +190,24 @@ def make_dataset(task: str, num_prompts: int, seed: int, split: Split = "train")
 
 
 def make_sft_dataset(task: str, num_examples: int, seed: int) -> Dataset:
-    """Supervised warm-start examples: columns ``prompt`` and ``completion`` (the bare answer).
+    """Supervised warm-start examples: columns ``prompt`` and ``completion``.
 
+    The completion is the bare answer, or for ``arithmetic_think`` thinking + ``</think>`` + the answer.
     The EOS token is not included; TRL's ``SFTTrainer`` appends it to non-conversational completions,
     which is how the warm-started model learns to stop right after the answer. Examples come from the
     train split only, so held-out eval prompts stay unseen.
     """
+    spec = _get_task(task)
     problems = _sample_problems(task, num_examples, seed, "train", stream="sft")
-    return Dataset.from_dict({"prompt": [p for p, _ in problems], "completion": [a for _, a in problems]})
+    # The completion forms come from their own stream, so the problems stay those of the shared stream.
+    rng = random.Random(f"{task}:sft-completions:{seed}")
+    completions = [spec.write_completion(prompt, answer, rng) for prompt, answer in problems]
+    return Dataset.from_dict({"prompt": [p for p, _ in problems], "completion": completions})
+
+
+def completion_budget(task: str) -> int:
+    """Generation budget in tokens of the tiny character tokenizer for ``task``: its longest warm-start
+    completion plus EOS, rounded up to a multiple of 8 (so 8 for the bare-answer tasks, 48 for
+    ``arithmetic_think``). A policy that writes more than that is cut off and scored as it stands."""
+    needed = _get_task(task).max_completion_chars + 1
+    return -(-needed // 8) * 8

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlvr_entropy.tasks import correctness, make_dataset
+from rlvr_entropy.tasks import completion_budget, correctness, make_dataset
 
 
 @torch.no_grad()
@@ -18,17 +18,21 @@ def sample_accuracy(
     num_prompts: int = 128,
     temperature: float = 1.0,
     seed: int = 0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
     batch_size: int = 64,
     split: str = "eval",
 ) -> float:
     """Fraction of ``num_prompts`` task prompts whose sampled completion is correct.
 
     ``temperature <= 0`` means greedy decoding. Prompts come from the held-out ``split="eval"`` by
-    default. Sampling uses its own seeded RNG (``torch.random.fork_rng``) so that calling this in the
-    middle of training neither depends on nor disturbs the global random state.
+    default; ``max_new_tokens`` defaults to the task's ``completion_budget`` (8 for the bare-answer
+    tasks, 48 for ``arithmetic_think``, whose completions think before they answer). Sampling uses its
+    own seeded RNG (``torch.random.fork_rng``) so that calling this in the middle of training neither
+    depends on nor disturbs the global random state.
     """
     dataset = make_dataset(task, num_prompts, seed=seed, split=split)
+    if max_new_tokens is None:
+        max_new_tokens = completion_budget(task)
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -59,7 +63,7 @@ def evaluate_accuracy(
     num_prompts: int = 128,
     temperature: float = 1.0,
     seed: int = 0,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
 ) -> float:
     """Load a saved model + tokenizer from ``model_path`` and return its sampling accuracy on ``task``.
 
