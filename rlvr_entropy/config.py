@@ -119,6 +119,10 @@ class DataSpec:
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     max_rows: int | None = None
+    # When set, each plain-text prompt becomes one user message whose text is this template with "{prompt}"
+    # replaced by the prompt, so TRL applies the model's chat template (e.g. GSM8K's bare questions for a
+    # chat model, which only thinks inside its template).
+    user_message: str | None = None
 
 
 @dataclass

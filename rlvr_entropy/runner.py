@@ -33,14 +33,19 @@ class RewardFunctionError(RecipeError):
     """A reward function broke its contract (wrong number or type of values)."""
 
 
-def resolve_model(spec: ModelSpec) -> str:
-    """A loadable model directory or hub id; ``tiny`` builds (or reuses) the cached offline model."""
+def resolve_model(spec: ModelSpec, task: str | None = None) -> str:
+    """A loadable model directory or hub id; ``tiny`` builds (or reuses) the cached offline model.
+
+    The tiny model is warm-started on ``task`` (the recipe's ``data.task``) unless ``model.tiny.task``
+    says otherwise: a task's completion format (e.g. arithmetic_think's thinking) is learned in SFT.
+    """
     if spec.name_or_path == "tiny":
         from rlvr_entropy.tiny import build_tiny_model
 
+        settings = {"task": task, **spec.tiny} if task is not None else spec.tiny
         # Under torchrun every rank gets here: the main process builds, the others then find the cache.
         with PartialState().main_process_first():
-            return str(build_tiny_model(**spec.tiny))
+            return str(build_tiny_model(**settings))
     if spec.tiny:
         raise RecipeError("model.tiny settings apply only to model.name_or_path: tiny")
     return spec.name_or_path
@@ -78,7 +83,22 @@ def load_data(spec: DataSpec) -> Dataset:
             f"the dataset has no prompt column '{spec.prompt_column}'; columns: {dataset.column_names}. "
             "Set data.prompt_column."
         )
+    if spec.user_message is not None:
+        dataset = as_user_messages(dataset, spec.user_message)
     return dataset
+
+
+def as_user_messages(dataset: Dataset, template: str) -> Dataset:
+    """Plain-text prompts as one-message conversations ``[{"role": "user", "content": ...}]``.
+
+    ``{prompt}`` in ``template`` is replaced by the prompt text (str.replace, not str.format, so the
+    template may hold braces such as ``\\boxed{}``).
+    """
+    if "{prompt}" not in template:
+        raise RecipeError(f"data.user_message must contain '{{prompt}}' where the prompt goes, got {template!r}")
+    if not isinstance(dataset[0]["prompt"], str):
+        raise RecipeError("data.user_message applies to plain-text prompts; this dataset's prompts are already messages")
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": template.replace("{prompt}", row["prompt"])}]})
 
 
 def required_columns(func: RewardFn) -> set[str]:
@@ -141,8 +161,8 @@ def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
 
 
 def build_trainer(recipe: Recipe) -> EntropyGRPOTrainer:
-    model_path = resolve_model(recipe.model)
-    dataset = load_data(recipe.data)
+    dataset = load_data(recipe.data)  # first: an unknown data.task is reported before a tiny build starts
+    model_path = resolve_model(recipe.model, recipe.data.task)
     rewards = reward_functions(recipe.rewards, dataset)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return EntropyGRPOTrainer(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlvr_entropy.config import RecipeError, load_recipe, recipe_to_yaml
 
@@ -71,3 +74,75 @@ def test_missing_recipe_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(bad)
+
+
+TINY = [p for p in RECIPES if p.parent.name == "tiny"]
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_tiny_recipes_leave_room_for_their_task_completions(path):
+    from rlvr_entropy.tasks import completion_budget
+
+    recipe = load_recipe(path)
+    assert recipe.train.max_completion_length >= completion_budget(recipe.data.task)
+
+
+def test_pear_tiny_recipe_differs_from_its_baseline_only_in_the_method():
+    tiny = Path(__file__).parent.parent / "recipes" / "tiny"
+    pear, baseline = load_recipe(tiny / "pear.yaml"), load_recipe(tiny / "grpo_think.yaml")
+    assert pear.data.task == "arithmetic_think" and pear.train.methods == [{"name": "pear", "alpha": 1.0}]
+    assert baseline.train.methods == []
+    strip = lambda r: {k: v for k, v in yaml.safe_load(recipe_to_yaml(r)).items() if k not in ("methods", "output_dir")}  # noqa: E731
+    assert strip(pear) == strip(baseline)
+    # ... and from grpo.yaml only in the task and the room its thinking needs
+    grpo = strip(load_recipe(tiny / "grpo.yaml"))
+    grpo["data"]["task"], grpo["max_completion_length"] = "arithmetic_think", 48
+    assert grpo == strip(baseline)
+
+
+def test_tiny_model_follows_the_recipe_task(monkeypatch):
+    import rlvr_entropy.tiny as tiny
+    from rlvr_entropy.config import ModelSpec
+    from rlvr_entropy.runner import resolve_model
+
+    built: list[dict] = []
+    monkeypatch.setattr(tiny, "build_tiny_model", lambda **settings: built.append(settings) or "dir")
+    resolve_model(ModelSpec(), "arithmetic_think")
+    resolve_model(ModelSpec(tiny={"task": "arithmetic", "sft_steps": 5}), "arithmetic_think")  # explicit wins
+    resolve_model(ModelSpec())  # a dataset run: the default task
+    assert built == [{"task": "arithmetic_think"}, {"task": "arithmetic", "sft_steps": 5}, {}]
+
+
+def test_pear_paper_recipe_reads_gsm8k(tmp_path):
+    """The recipe's data spec on a local copy of GSM8K's layout: chat prompts, '####' references."""
+    from rlvr_entropy.config import DataSpec
+    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.tasks import correctness
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "paper" / "pear_qwen3-4b.yaml", [*CPU, "use_vllm=false"])
+    spec = recipe.data
+    assert (spec.dataset, spec.config_name, spec.prompt_column, spec.answer_column) == ("openai/gsm8k", "main", "question", "answer")
+    assert recipe.train.methods == [{"name": "pear", "alpha": 1.0}] and recipe.model.name_or_path == "Qwen/Qwen3-4B"
+    rows = tmp_path / "gsm8k.jsonl"
+    rows.write_text(json.dumps({"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+                                "answer": "In May she sold 48/2 = <<48/2=24>>24.\nIn all 48+24 = <<48+24=72>>72.\n#### 72"}) + "\n")
+    local = dataclasses.replace(spec, dataset=str(rows))
+    dataset = load_data(local)
+    prompt = dataset[0]["prompt"]
+    assert prompt == [{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. How many in all? "
+                       "Let's think step by step and output the final answer after \"####\"."}]
+    completion = "<think>\n48/2 = 24, 48 + 24 = 72.\n</think>\n\nShe sold 72 clips.\n#### 72"
+    assert correctness([prompt] * 2, [completion, "#### 48"], answer=[dataset[0]["answer"]] * 2) == [1.0, 0.0]
+    with pytest.raises(RecipeError, match="\\{prompt\\}"):
+        load_data(dataclasses.replace(local, user_message="no placeholder"))
+    with pytest.raises(RecipeError, match="already messages"):
+        load_data(DataSpec(task=None, dataset=str(write_chat_rows(tmp_path)), user_message="{prompt}!"))
+    # braces in the template are kept as written
+    boxed = load_data(dataclasses.replace(local, user_message="{prompt} Put it in \\boxed{}."))
+    assert boxed[0]["prompt"][0]["content"].endswith("many in all? Put it in \\boxed{}.")
+
+
+def write_chat_rows(directory: Path) -> Path:
+    path = directory / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+2?"}], "answer": "3"}) + "\n")
+    return path
