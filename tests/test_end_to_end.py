@@ -82,21 +82,61 @@ def test_method_state_is_checkpointed_and_restored(tiny_model_path, tmp_path):
     assert read_metrics(resumed_dir)[-1]["count_steps/batches"] == 3.0
 
 
+# A method run, so that method statistics are among the scalars the trackers must receive.
+TRACKED = [*FAST, "max_steps=2", "methods=[{name: clip_cov, ratio: 0.05, lb: -10.0, ub: 10.0}]"]
+
+
+def logged_scalars(rows: list[dict]) -> dict[str, float]:
+    """The last value of every numeric metric in metrics.jsonl, under the trackers' ``train/`` names."""
+    last: dict[str, float] = {}
+    for row in rows:
+        last.update({f"train/{k}": float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)})
+    return last
+
+
 def test_tensorboard_receives_the_same_scalars(tiny_model_path, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     out = tmp_path / "run"
-    train(load_recipe(RECIPE, [*FAST, "max_steps=2", f"output_dir={out}", "report_to=[tensorboard]"]))
+    train(load_recipe(RECIPE, [*TRACKED, f"output_dir={out}", "report_to=[tensorboard]"]))
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for key in ("entropy", "entropy/p50", "rollout_entropy/mean", "reward"):
-        assert f"train/{key}" in tags, sorted(tags)
-    jsonl = read_metrics(out)
-    assert acc.Scalars("train/entropy")[-1].value == pytest.approx(jsonl[-1]["entropy"], rel=1e-5)
+    expected = logged_scalars(read_metrics(out))
+    for key in ("entropy", "entropy/p50", "rollout_entropy/mean", "reward", "covariance/logp_adv",
+                "clip_cov/candidates", "clip_cov/selected"):
+        assert f"train/{key}" in expected, key
+    # every scalar of the JSONL (the source of truth) reaches TensorBoard, with the same last value
+    assert set(expected) <= tags, sorted(set(expected) - tags)
+    for tag, value in expected.items():
+        assert acc.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-5, abs=1e-7), tag
+
+
+def test_trackio_receives_the_same_scalars(tiny_model_path, tmp_path, monkeypatch):
+    """``report_to: [trackio]`` logs locally (no Space, no network); needs the ``trackio`` extra."""
+    import importlib.util
+    import uuid
+
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed (pip install -e '.[trackio]')")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    from trackio.sqlite_storage import SQLiteStorage
+
+    project = f"rlvr-entropy-test-{uuid.uuid4().hex[:8]}"  # isolates the run if trackio was imported before
+    out = tmp_path / "run"
+    train(load_recipe(RECIPE, [*TRACKED, f"output_dir={out}", "report_to=[trackio]", f"project={project}", "run_name=r"]))
+    logs = [row for row in SQLiteStorage.get_logs(project, "r") if "train/entropy" in row]
+    expected = logged_scalars(read_metrics(out))
+    assert "train/clip_cov/selected" in expected and "train/covariance/logp_adv" in expected
+    received: dict[str, float] = {}
+    for row in logs:
+        received.update({k: v for k, v in row.items() if k in expected})
+    assert set(received) == set(expected)
+    for key, value in expected.items():
+        assert received[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
@@ -189,6 +229,8 @@ METHOD_RECIPES = sorted(p for p in RECIPE.parent.glob("*.yaml") if not p.stem.st
 # Statistics a method must log in this short run, beyond at least one of its own.
 EXPECTED_STATISTICS = {
     "pear": {"pear/think_entropy", "pear/answer_entropy", "pear/penalty", "pear/missing_marker", "pear/length"},
+    "aepo": {"aepo/estimate", "aepo/target", "aepo/temperature", "aepo/injected", "aepo/nll", "aepo/entropy"},
+    "ares": {"ares/threshold", "ares/hwe", "ares/share_easy", "ares/entropy_reward", "ares/beta_easy"},
 }
 
 
