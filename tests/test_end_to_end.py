@@ -122,13 +122,20 @@ def test_trackio_receives_the_same_scalars(tiny_model_path, tmp_path, monkeypatc
 
     if importlib.util.find_spec("trackio") is None:
         pytest.skip("trackio is not installed (pip install -e '.[trackio]')")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    # TRACKIO_DIR is read when trackio is first imported, which TRL may already have done: then the
+    # run goes to trackio's own directory, under a project name of its own that is removed afterwards.
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     from trackio.sqlite_storage import SQLiteStorage
 
-    project = f"rlvr-entropy-test-{uuid.uuid4().hex[:8]}"  # isolates the run if trackio was imported before
+    project = f"rlvr-entropy-test-{uuid.uuid4().hex[:8]}"
     out = tmp_path / "run"
-    train(load_recipe(RECIPE, [*TRACKED, f"output_dir={out}", "report_to=[trackio]", f"project={project}", "run_name=r"]))
-    logs = [row for row in SQLiteStorage.get_logs(project, "r") if "train/entropy" in row]
+    db = SQLiteStorage.get_project_db_path(project)
+    try:
+        train(load_recipe(RECIPE, [*TRACKED, f"output_dir={out}", "report_to=[trackio]", f"project={project}", "run_name=r"]))
+        logs = [row for row in SQLiteStorage.get_logs(project, "r") if "train/entropy" in row]
+    finally:
+        for path in db.parent.glob(f"{project}*"):
+            path.unlink()
     expected = logged_scalars(read_metrics(out))
     assert "train/clip_cov/selected" in expected and "train/covariance/logp_adv" in expected
     received: dict[str, float] = {}
