@@ -45,6 +45,7 @@ scales the reinforce term instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -162,7 +163,7 @@ class Aepo(Method):
         n = len(ctx.prompt_ids)
         if n % ctx.group_size == 0:
             groups = n // ctx.group_size
-            count = min(n, ctx.group_size * max(1, round(self.prompt_fraction * groups + 0.4999)))
+            count = min(n, ctx.group_size * max(1, math.ceil(self.prompt_fraction * groups - 1e-9)))
         else:
             count = max(1, round(self.prompt_fraction * n))
         return list(range(count))
