@@ -3,8 +3,9 @@
 Reference: Chen et al. 2025, "ARES: Multimodal Adaptive Reasoning via Difficulty-Aware Token-Level
 Entropy Shaping", arXiv 2510.08457 (ICLR 2026); its RL stage is called "Adaptive Entropy Policy
 Optimization" (AEPO). Registered as ``ares`` so it is not confused with ``aepo`` (Arbitrary Entropy
-Policy Optimization, a different paper; the method notes call this one ``ares_hwe``). Code: shawn0728/ARES (``examples/reward_function/aepo.py::
-compute_score``, ``verl/workers/rollout/vllm_rollout_spmd.py``, ``verl/workers/actor/dp_actor.py``).
+Policy Optimization, a different paper; the method notes call this one ``ares_hwe``). Code:
+shawn0728/ARES (``examples/reward_function/aepo.py::compute_score``,
+``verl/workers/rollout/vllm_rollout_spmd.py``, ``verl/workers/actor/dp_actor.py``).
 
 Shared by both modes, from the behaviour policy's token entropy ``H_t`` of each response:
 - window entropy: the mean of ``H`` over a window of ``window`` tokens;
