@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up the virtual environment if needed, then run the quickstart on the offline tiny world:
 # build (or reuse) the warm-started tiny model, train plain GRPO, Clip-Cov and KL-Cov on CPU with the
-# same seed, report held-out accuracy before and after, and draw the entropy and reward curves of the
-# three runs on one figure: runs/quickstart/curves.png.
+# same seed, report held-out accuracy before and after, draw the entropy, reward and method curves of
+# the three runs on one figure (runs/quickstart/curves.png), print the compare table, and fit the
+# entropy-performance law and the covariance diagnostic (entropy_law.png, covariance.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup_env.sh
@@ -29,5 +30,10 @@ finish "$kl_cov" kl_cov
 for method in grpo clip_cov kl_cov; do
   rlvr-entropy evaluate "$OUT/$method" --temperature 1.0 0
 done
-rlvr-entropy plot "$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov" -o "$OUT/curves.png"
-echo "quickstart finished in $(( $(date +%s) - start ))s: metrics in $OUT/*/metrics.jsonl, curves in $OUT/curves.png"
+RUNS=("$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov")
+rlvr-entropy plot "${RUNS[@]}" -o "$OUT/curves.png"
+rlvr-entropy compare "${RUNS[@]}"
+# The law fit refuses a run whose entropy hardly moved (exit 2, reason printed): not a failed quickstart.
+rlvr-entropy fit-law "${RUNS[@]}" -o "$OUT/entropy_law.png" || echo "[quickstart] the law was not fitted to every run (see above)"
+rlvr-entropy covariance "${RUNS[@]}" -o "$OUT/covariance.png"
+echo "quickstart finished in $(( $(date +%s) - start ))s: metrics in $OUT/*/metrics.jsonl, figures in $OUT/{curves,entropy_law,covariance}.png"
