@@ -114,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from rlvr_entropy.config import ModelSpec
     from rlvr_entropy.tiny import evaluate_accuracy
 
-    model = resolve_model(ModelSpec(name_or_path=args.model))
+    model = resolve_model(ModelSpec(name_or_path=args.model), args.task)  # tiny: the model warm-started on --task
     for temperature in args.temperature:
         acc = evaluate_accuracy(model, args.task, args.num_prompts, temperature=temperature, seed=args.seed)
         print(f"{args.model}: {args.task} accuracy {acc:.3f} ({args.num_prompts} held-out prompts, temperature {temperature})")
