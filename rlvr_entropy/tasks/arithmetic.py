@@ -27,6 +27,13 @@ that rewards shorter (or longer) thinking has something to select from, and the 
 answer easier to get right than answering at once, so thinking is not free to drop. Every completion fits
 in ``completion_budget("arithmetic_think")`` characters. The reward reads only the text after the marker
 (``rlvr_entropy.tasks.rewards.extract_answer``), so numbers in the thinking never count as the answer.
+
+``split``: write a number as a sum of two non-negative integers (``57=?+?`` -> ``23+34``). Unlike the
+other tasks it has many right answers per prompt (any split), so a policy can stay uncertain and still
+be right: entropy collapse shows as mode collapse onto a few splits (``57+0`` is always right), and
+entropy-control methods have room to hold entropy without losing reward. The warm start writes a
+uniformly random split; the reference answer is the number itself, and ``correctness`` accepts any
+expression equal to it (math-verify evaluates ``23+34``).
 """
 
 from __future__ import annotations
@@ -80,6 +87,19 @@ def _three_operands(rng: random.Random) -> tuple[str, str]:
     result = a + (b if op1 == "+" else -b)
     result = result + (c if op2 == "+" else -c)
     return f"{a}{op1}{b}{op2}{c}=", str(result)
+
+
+def _split_problem(rng: random.Random) -> tuple[str, str]:
+    """A number 10..199 to write as a sum of two non-negative integers."""
+    n = rng.randint(10, 199)
+    return f"{n}=?+?", str(n)
+
+
+def _split_completion(prompt: str, answer: str, rng: random.Random) -> str:
+    """A uniformly random split ``a+b`` of the number: every right answer equally likely in the warm start."""
+    n = int(answer)
+    a = rng.randint(0, n)
+    return f"{a}+{n - a}"
 
 
 # Probabilities of the three thinking forms of arithmetic_think (see the module docstring).
@@ -142,6 +162,8 @@ TASKS: dict[str, Task] = {
     "arithmetic_hard": Task(_three_operands, max_completion_chars=4),  # results -198..297
     # Longest: "99+90=189 189+9=198 99+99=198</think>198" (40 characters).
     "arithmetic_think": Task(_add_sub, _think_completion, max_completion_chars=40, problem_stream="arithmetic"),
+    # Longest: "100+99" and the like (7 characters at most for n <= 199).
+    "split": Task(_split_problem, _split_completion, max_completion_chars=7),
 }
 
 
