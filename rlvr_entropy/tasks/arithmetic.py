@@ -90,8 +90,9 @@ def _three_operands(rng: random.Random) -> tuple[str, str]:
 
 
 def _split_problem(rng: random.Random) -> tuple[str, str]:
-    """A number 10..199 to write as a sum of two non-negative integers."""
-    n = rng.randint(10, 199)
+    """A number 10..59 to write as a sum of two non-negative integers (small enough for the tiny model
+    to learn the subtraction that picks the second term: about half its warm-start splits are right)."""
+    n = rng.randint(10, 59)
     return f"{n}=?+?", str(n)
 
 
@@ -162,8 +163,8 @@ TASKS: dict[str, Task] = {
     "arithmetic_hard": Task(_three_operands, max_completion_chars=4),  # results -198..297
     # Longest: "99+90=189 189+9=198 99+99=198</think>198" (40 characters).
     "arithmetic_think": Task(_add_sub, _think_completion, max_completion_chars=40, problem_stream="arithmetic"),
-    # Longest: "100+99" and the like (7 characters at most for n <= 199).
-    "split": Task(_split_problem, _split_completion, max_completion_chars=7),
+    # Longest: "10+49" and the like (5 characters for n <= 59).
+    "split": Task(_split_problem, _split_completion, max_completion_chars=5),
 }
 
 
