@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,12 +34,38 @@ from rlvr_entropy.methods.pipeline import Pipeline
 from rlvr_entropy.registry import closest
 
 
-# Closed sets of values for TRL options that TRL itself validates only mid-run.
+# Closed sets of values for options that TRL itself validates only mid-run (and this package's own).
 CHOICES: dict[str, tuple] = {
     "loss_type": LOSS_TYPES,
     "importance_sampling_level": ("token", "sequence"),
     "scale_rewards": ("group", "batch", "none", True, False),
     "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
+    "reward_sandbox": ("process", "thread", "none"),
+    "on_nonfinite": ("skip", "raise"),
+    "bad_rows": ("skip", "error"),
+}
+
+
+# Numeric TRL/HF options that TRL accepts but that fail, or silently do nothing, only mid-run:
+# (test, what the value must be). Checked when the config is built.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: v > 0, "> 0 (sampling divides the logits by it; use e.g. 0.01 for near-greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1.0 keeps every token)"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0 turns top-k filtering off)"),
+    "min_p": (lambda v: v is None or 0 <= v <= 1, "in [0, 1], or null"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1.0 = no penalty)"),
+    "max_completion_length": (lambda v: v is None or v >= 1, ">= 1 (tokens)"),
+    "num_iterations": (lambda v: v >= 1, ">= 1"),
+    "steps_per_generation": (lambda v: v is None or v >= 1, ">= 1"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "beta": (lambda v: v >= 0, ">= 0 (the KL coefficient; 0 turns the KL term off)"),
+    "epsilon": (lambda v: v >= 0, ">= 0 (the PPO clip range)"),
+    "epsilon_high": (lambda v: v is None or v >= 0, ">= 0, or null (= epsilon)"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "reward_timeout": (lambda v: v is None or v > 0, "> 0 seconds, or null for no limit"),
+    "max_prompt_tokens": (lambda v: v is None or v >= 1, ">= 1 (tokens), or null (context - max_completion_length)"),
 }
 
 
@@ -81,6 +108,47 @@ class EntropyGRPOConfig(GRPOConfig):
     metrics_jsonl: bool = field(
         default=True, metadata={"help": "Append every logged step to <output_dir>/metrics.jsonl."}
     )
+    reward_timeout: float | None = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds one reward-function call may take (TRL calls each function once per generation batch on "
+            "each process; after a call that raises or times out, each completion is scored on its own with the same "
+            "limit). A completion whose call raises or times out gets no reward, counted in reward/errors and "
+            "reward/timeouts. null: no limit and no sandbox (TRL's direct call)."
+        },
+    )
+    reward_sandbox: Literal["process", "thread", "none"] = field(
+        default="process",
+        metadata={
+            "help": "Where reward functions run: 'process' (a worker process, killed when a call times out; the "
+            "function must be importable), 'thread' (a worker thread; a timed-out call is abandoned and keeps "
+            "running), 'none' (TRL's direct call, no limit). See rlvr_entropy/sandbox.py."
+        },
+    )
+    on_nonfinite: Literal["skip", "raise"] = field(
+        default="skip",
+        metadata={
+            "help": "When a method's reward, advantage, token weight or extra term, TRL's loss or the gradients are "
+            "NaN/inf: 'skip' the optimizer step(s) that would use them (all processes together; counted in "
+            "guard/skipped_steps, logged with the method's name) or 'raise' (stop the run, on every process)."
+        },
+    )
+    bad_rows: Literal["skip", "error"] = field(
+        default="skip",
+        metadata={
+            "help": "Dataset rows with an empty prompt, a missing value in a column a reward reads, or a prompt over "
+            "max_prompt_tokens: 'skip' them before training (counted in data/skipped_rows) or 'error' (stop before "
+            "training, listing them)."
+        },
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Longest prompt, in tokens, a row may have (bad_rows decides what happens to longer ones). null: "
+            "the model's max_position_embeddings minus max_completion_length (or the context alone when completions "
+            "may fill it), when the model config has it."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rollout_stats_source not in ("auto", "generate", "forward"):
@@ -94,11 +162,26 @@ class EntropyGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"{name}={value!r} is not one of {list(choices)}.{closest(str(value), [str(c) for c in choices])}"
                 )
+        for name, (ok, expected) in RANGES.items():
+            value = getattr(self, name)
+            try:
+                valid = bool(ok(value))
+            except TypeError:
+                valid = False
+            if not valid:
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        if not self.think_marker:
+            raise ValueError("think_marker must be non-empty text (the end of the thinking phase, e.g. '</think>')")
         # Build the methods once here so that a bad entry fails before TRL does any work, and so that
         # methods exposing TRL features can set TRL fields before GRPOConfig validates them.
         pipeline = Pipeline.from_config(self.methods)
         pipeline.configure(self)
         super().__post_init__()
+        if self.save_strategy == "steps" and not self.save_steps > 0:
+            raise ValueError(
+                f"save_steps must be > 0 with save_strategy: steps (a value below 1 is a fraction of max_steps), "
+                f"got {self.save_steps}"
+            )
         pipeline.check(self)
 
 

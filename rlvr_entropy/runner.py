@@ -18,6 +18,7 @@ from datasets import Dataset, load_dataset
 from transformers import AutoTokenizer
 
 from rlvr_entropy.config import DataSpec, ModelSpec, Recipe, RecipeError, recipe_to_yaml
+from rlvr_entropy.sandbox import RewardContractError
 from rlvr_entropy.trainer import EntropyGRPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ RewardFn = Callable[..., list[float | None]]
 TRL_REWARD_KWARGS = {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments"}
 
 
-class RewardFunctionError(RecipeError):
-    """A reward function broke its contract (wrong number or type of values)."""
+class RewardFunctionError(RewardContractError):
+    """A reward function broke its contract (wrong number or type of values); a RecipeError."""
 
 
 def resolve_model(spec: ModelSpec, task: str | None = None) -> str:
@@ -117,16 +118,19 @@ def required_columns(func: RewardFn) -> set[str]:
     }
 
 
-def checked_reward(func: RewardFn) -> RewardFn:
-    """Wrap a reward function so a contract violation names the function and what it returned."""
-    if inspect.iscoroutinefunction(func):
-        return func  # TRL checks async results itself
+class CheckedReward:
+    """A reward function whose results are checked against the contract, so a violation names the function
+    and what it returned. An object rather than a closure so that it pickles (the reward sandbox runs it in a
+    worker process); it carries the function's name and attributes (``required_columns``)."""
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> list[float | None]:
-        out = func(*args, **kwargs)
+    def __init__(self, func: RewardFn) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[float | None]:
+        out = self.func(*args, **kwargs)
         expected = len(kwargs.get("prompts", args[0] if args else []))
-        name = getattr(func, "__name__", repr(func))
+        name = getattr(self.func, "__name__", repr(self.func))
         if not isinstance(out, list | tuple):
             raise RewardFunctionError(f"reward function '{name}' returned {type(out).__name__}, expected a list of floats")
         if len(out) != expected:
@@ -139,7 +143,12 @@ def checked_reward(func: RewardFn) -> RewardFn:
             raise RewardFunctionError(f"reward function '{name}' returned non-numeric values such as {bad[0]!r}")
         return list(out)
 
-    return wrapper
+
+def checked_reward(func: RewardFn) -> RewardFn:
+    """Wrap a reward function so a contract violation names the function and what it returned."""
+    if inspect.iscoroutinefunction(func):
+        return func  # TRL checks async results itself
+    return CheckedReward(func)
 
 
 def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
@@ -153,8 +162,13 @@ def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
             raise RecipeError(f"rewards: {err}") from err
         missing = sorted(required_columns(func) - set(dataset.column_names))
         if missing:
+            hint = (
+                " Set data.answer_column to the column that holds the reference answers"
+                if missing == ["answer"] else " Add the column(s) to the dataset or use another reward function"
+            )
             raise RecipeError(
-                f"reward function '{name}' needs dataset column(s) {missing}, but the dataset has {dataset.column_names}"
+                f"reward function '{name}' needs dataset column(s) {missing}, but the dataset has {dataset.column_names}."
+                + hint
             )
         funcs.append(checked_reward(func))
     return funcs

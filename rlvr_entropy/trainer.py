@@ -29,8 +29,16 @@ Per loss micro-batch, inside TRL's ``_compute_loss``:
 
 Throughout:
 
+0. guards      reward functions run in a sandbox with a time limit (``sandbox.py``); a NaN/inf from a
+               method's hook, TRL's loss or the gradients skips the optimizer step(s) that would use it on
+               every process together, restoring the methods' state (``on_nonfinite``); bad dataset rows
+               are dropped or rejected before training (``bad_rows``).
+
 6. state       each method's JSON state is saved in every checkpoint (``rlvr_entropy_state.json``)
-               and restored on resume.
+               and restored on resume, with the trainer's counters, TRL's micro-step counter and, for a
+               save inside a generation cycle, the buffered generation batch: a resumed run repeats the
+               uninterrupted one exactly. Checkpoints are staged and renamed once complete
+               (``reliability.py``).
 7. metrics     methods log ``<method>/<stat>``; rollout-phase statistics are global already, loss-phase
                ones are reduced across processes. Rollout and training-pass entropy (mean, p10, p50,
                p90 over valid tokens of all processes) and the covariance Cov(log pi, A) that drives
@@ -45,9 +53,12 @@ points listed above.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,18 +67,35 @@ import torch
 from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
+from trl.trainer.utils import RepeatSampler
 
-from rlvr_entropy.config import EntropyGRPOConfig
+from rlvr_entropy.config import EntropyGRPOConfig, RecipeError
 from rlvr_entropy.losses import aggregate
 from rlvr_entropy.methods.base import LossBatch, MethodConfigError, Rollout, RolloutBatch, RolloutContext, _stable_hash
-from rlvr_entropy.methods.pipeline import Pipeline
+from rlvr_entropy.methods.pipeline import NonFiniteError, Pipeline
+from rlvr_entropy.reliability import (
+    STAGING_DIR,
+    EpochRepeatSampler,
+    find_bad_rows,
+    load_buffer,
+    publish_checkpoint,
+    save_buffer,
+    summarize_bad_rows,
+    truncate_metrics,
+)
 from rlvr_entropy.registry import Registry
 from rlvr_entropy.rollout_stats import GenerationRecorder, find_marker, masked_quantiles, pad_rows
+from rlvr_entropy.sandbox import SandboxedReward, SandboxStats, sandboxed
 from rlvr_entropy.tensor_ops import masked_mean, per_token
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "rlvr_entropy_state.json"
+GUARD_KEY = "guard/nonfinite"  # 0-d tensor in a generation batch whose methods produced NaN/inf: skip its steps
 CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
 QUANTILES = (0.1, 0.5, 0.9)
 
@@ -104,6 +132,10 @@ class MetricsJsonlCallback(TrainerCallback):
     def __init__(self, path: str) -> None:
         self.path = path
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and state.global_step > 0:  # resumed: forget what came after the checkpoint
+            truncate_metrics(self.path, state.global_step)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
             return
@@ -127,6 +159,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if not isinstance(args, EntropyGRPOConfig):
             raise TypeError("EntropyGRPOTrainer needs an EntropyGRPOConfig (a GRPOConfig with `methods`)")
         self.pipeline = Pipeline.from_config(args.methods)
+        # The pipeline records NaN/inf outputs; the trainer skips or raises (on every process together).
+        self.pipeline.on_nonfinite = "skip"
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
         self._num_user_rewards = len(self.reward_funcs)
@@ -160,9 +194,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self._answer_fn = Registry("answer extractor").get(args.answer_extractor)
         self._marker_ids: list[int] = []
         if "phases" in self._needs:
-            self._marker_ids = self._tokenizer.encode(args.think_marker, add_special_tokens=False)
-            if not self._marker_ids:
-                raise ValueError(f"think_marker {args.think_marker!r} encodes to no tokens with this tokenizer")
+            self._marker_ids = self._encode_marker(args.think_marker)
 
         self._generation: _Generation | None = None
         self._rollout_inputs: list[dict[str, Any]] | None = None
@@ -170,6 +202,21 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self._capture_old_pass = False
         self._micro_step = 0
         self._micro_step_of = -1
+        # Reliability: run-long counters (logged every step, checkpointed), the reward sandbox, the guard window.
+        self._counters: dict[str, int] = {"reward/errors": 0, "reward/timeouts": 0, "guard/skipped_steps": 0}
+        self._counters["data/skipped_rows"] = self._drop_bad_rows(args)
+        self._reward_stats = SandboxStats()
+        self.reward_funcs = [
+            f if isinstance(f, torch.nn.Module)
+            else sandboxed(f, args.reward_timeout, args.reward_sandbox, self._reward_stats)
+            for f in self.reward_funcs
+        ]
+        self._window_open = False
+        self._window_flags: list[str] = []
+        self._window_counts: dict[str, int] = {}
+        self._window_snapshot: tuple[Any, ...] | None = None
+        self._train_sampler: EpochRepeatSampler | None = None
+        self._staging_dir: str | None = None
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback(os.path.join(args.output_dir, "metrics.jsonl")))
 
@@ -188,6 +235,67 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if args.rollout_stats_source == "auto":
             return "generate" if hf_generate else "forward"
         return args.rollout_stats_source
+
+    def _encode_marker(self, marker: str) -> list[int]:
+        """The thinking-end marker's token ids; stop with what to change if this tokenizer cannot encode it."""
+        users = ", ".join(m.name for m in self.pipeline.methods if "phases" in m.needs) or "the phases statistic"
+        ids = self._tokenizer.encode(marker, add_special_tokens=False)
+        unk = self._tokenizer.unk_token_id
+        decoded = self._tokenizer.decode(ids) if ids else ""
+        if not ids or (unk is not None and unk in ids) or "".join(decoded.split()) != "".join(marker.split()):
+            shown = "encodes to no tokens" if not ids else f"encodes to {ids}, which decodes to {decoded!r}"
+            raise MethodConfigError(
+                f"think_marker {marker!r} {shown} with this tokenizer, so {users} cannot find where thinking ends. "
+                "Set think_marker to the text the model writes at the end of its thinking, made of characters the "
+                "tokenizer knows (e.g. '</think>')"
+            )
+        return ids
+
+    def _drop_bad_rows(self, args: EntropyGRPOConfig) -> int:
+        """Check every row of the (map-style) train and eval datasets before training; see ``bad_rows``."""
+        from datasets import Dataset
+
+        from rlvr_entropy.runner import required_columns
+
+        required: dict[str, list[str]] = {}
+        for func, name in zip(self.reward_funcs, self.reward_func_names, strict=False):
+            if not isinstance(func, torch.nn.Module):
+                for column in sorted(required_columns(func)):
+                    required.setdefault(column, []).append(name)
+        limit = args.max_prompt_tokens
+        if limit is None:
+            config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+            context = getattr(config, "max_position_embeddings", None)
+            if isinstance(context, int):
+                limit = context - (self.max_completion_length or 0)
+                if limit < 1:  # completions alone may exceed the context (RoPE models extrapolate): prompts must fit
+                    logger.warning("max_completion_length (%s) is not below the model's max_position_embeddings (%d): "
+                                   "prompts are checked against the context alone; set max_prompt_tokens to choose",
+                                   self.max_completion_length, context)
+                    limit = context
+        text_only = not getattr(self, "_is_vlm", False) and getattr(self, "environment_factories", None) is None
+        lengths = (lambda prompts: [len(ids) for ids in self._tokenize_prompts(prompts)[0]]) if text_only else None
+        dropped = 0
+        for split in ("train", "eval"):
+            dataset = getattr(self, f"{split}_dataset")
+            if not isinstance(dataset, Dataset) or "prompt" not in dataset.column_names or len(dataset) == 0:
+                continue
+            bad = find_bad_rows(dataset, required, lengths, limit)
+            if not bad:
+                continue
+            summary = summarize_bad_rows(bad, len(dataset))
+            if args.bad_rows == "error" or len(bad) == len(dataset):
+                too_long = any("tokens" in r for r in bad.values())
+                hint = " Raise max_prompt_tokens, or shorten those prompts." if too_long else ""
+                raise RecipeError(
+                    f"the {split} dataset has rows that cannot train: {summary}. Fix or remove them, or set "
+                    f"bad_rows: skip to drop them before training.{hint}"
+                    if len(bad) < len(dataset) else f"no row of the {split} dataset can train: {summary}.{hint}"
+                )
+            logger.warning("bad_rows: skip: dropping %s from the %s dataset", summary, split)
+            setattr(self, f"{split}_dataset", dataset.select([i for i in range(len(dataset)) if i not in bad]))
+            dropped += len(bad)
+        return dropped
 
     def _mode(self) -> str:
         return "train" if self.model.training else "eval"
@@ -396,6 +504,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         finally:
             self.reward_func_names = names
+        self._count_reward_failures()
         gen = self._generation
         if gen is None:
             return rewards_per_func
@@ -503,6 +612,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
                 mine = torch.nn.functional.pad(mine[:, :width], (0, width - min(width, mine.size(1))))
             output[f"{CARRY_PREFIX}{key}"] = mine
         self._log_global(batch.metrics)
+        self._guard_generation(output)
         return output
 
     def _replace_logged_advantages(self, advantages: Tensor) -> None:
@@ -544,6 +654,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
             self._log_covariance(call.logps, inputs["advantages"], mask.float())
         self._log_reduced(call.metrics)
         self._micro_step += 1
+        self._guard_micro_batch(inputs, loss)
         return loss
 
     def _apply_token_hooks(self, call: _LossCall, logps: Tensor, entropies: Tensor) -> Tensor:
@@ -591,15 +702,62 @@ class EntropyGRPOTrainer(GRPOTrainer):
     # 6. state
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
+        """HF's and TRL's checkpoint plus ours, written under a staging directory and renamed when complete."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        atomic = not self.args.push_to_hub  # hub uploads read the folder after this returns: keep HF's layout
+        staging = os.path.join(run_dir, STAGING_DIR)
+        if atomic:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # what a save killed halfway left behind
+                os.makedirs(staging, exist_ok=True)
+            self.accelerator.wait_for_everyone()
+            self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            folder = os.path.join(self._get_output_dir(trial=trial), name)
+            self._save_run_state(folder)
+        finally:
+            self._staging_dir = None
+        if not atomic:
             return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        path = os.path.join(folder, STATE_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"methods": self.pipeline.state_dict()}, f, indent=2)
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated state file
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, buffers) are written
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging)):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+            publish_checkpoint(folder, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging)  # empty now
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir if getattr(self, "_staging_dir", None) else super()._get_output_dir(trial)
+
+    def _generate_every(self) -> int:
+        return self.args.steps_per_generation * self.num_iterations
+
+    def _save_run_state(self, folder: str) -> None:
+        if self.args.should_save:
+            state = {
+                "methods": self.pipeline.state_dict(),
+                "trainer": {"trl_step": self._step, "counters": dict(self._counters)},
+            }
+            path = os.path.join(folder, STATE_FILE)
+            with open(path + ".tmp", "w") as f:
+                json.dump(state, f, indent=2)
+            os.replace(path + ".tmp", path)
+        if self._buffered_inputs is not None and self._step % self._generate_every() != 0:
+            # Saved inside a generation cycle: the rest of the cycle trains on this buffer.
+            save_buffer(self._buffered_inputs, folder, self.accelerator.process_index)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -608,9 +766,146 @@ class EntropyGRPOTrainer(GRPOTrainer):
         path = os.path.join(checkpoint, STATE_FILE)
         if os.path.exists(path):
             with open(path) as f:
-                self.pipeline.load_state_dict(json.load(f)["methods"])
+                saved = json.load(f)
+            self.pipeline.load_state_dict(saved["methods"])
+            trainer_state = saved.get("trainer", {})
+            self._step = int(trainer_state.get("trl_step", self._step))
+            counters = trainer_state.get("counters", {})
+            self._counters.update({k: v for k, v in counters.items() if k != "data/skipped_rows"})  # rows: this run's
         elif any(m.state for m in self.pipeline.methods):
             raise FileNotFoundError(f"{path} is missing: cannot restore the methods' adaptive state")
+        if self._train_sampler is not None:
+            self._train_sampler.set_epoch(int(self.state.epoch or 0))
+        if self._step % self._generate_every() != 0:
+            self._buffered_inputs = load_buffer(checkpoint, self.accelerator.process_index, self.accelerator.device)
+            if self._buffered_inputs is None:
+                logger.warning(
+                    "%s was saved inside a generation cycle but holds no buffered batch for process %d (another number "
+                    "of processes, or an older checkpoint): the resumed run regenerates, so it will not repeat the "
+                    "uninterrupted run exactly", checkpoint, self.accelerator.process_index,
+                )
+
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        if type(sampler) is RepeatSampler:  # same arguments, but the shuffle of epoch e depends on (seed, e) only
+            epoch_sampler = EpochRepeatSampler.__new__(EpochRepeatSampler)
+            epoch_sampler.__dict__.update(sampler.__dict__)
+            epoch_sampler.epoch = 0
+            sampler = self._train_sampler = epoch_sampler
+        return sampler
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """HF's ``train``; ``resume_from_checkpoint="last"`` resumes from the newest complete checkpoint in
+        ``output_dir`` if there is one and starts afresh otherwise (for jobs that are simply restarted)."""
+        if resume_from_checkpoint == "last":
+            output_dir = self.args.output_dir
+            resume_from_checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            logger.info("resume_from_checkpoint: last -> %s", resume_from_checkpoint or "none yet, starting afresh")
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            for func in self.reward_funcs:
+                if isinstance(func, SandboxedReward):
+                    func.close()  # worker processes; a later call starts new ones
+
+    # ------------------------------------------------------------------------------------------------------
+    # 0. guards: NaN/inf never reaches the optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if not self._window_open:  # first micro-batch of an optimizer step: remember what a skip must restore
+            self._window_open = True
+            self._window_flags = []
+            self._window_counts = {}
+            trl_state = (self.entropy_coef, self._last_world_entropy) if self.use_adaptive_entropy else None
+            self._window_snapshot = (copy.deepcopy(self.pipeline.state_dict()), trl_state)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._close_window(model)
+        return loss
+
+    def _flag(self, reason: str, counter: str | None = None, count: int = 1) -> None:
+        """A non-finite value on this process in this optimizer step; ``counter`` counts it (summed over processes)."""
+        self._window_flags.append(reason)
+        if counter is not None:
+            self._window_counts[counter] = self._window_counts.get(counter, 0) + count
+
+    def _guard_generation(self, output: dict[str, Any]) -> None:
+        """Methods whose rollout-phase hooks produced NaN/inf: mark every step of this generation batch."""
+        events = self.pipeline.take_nonfinite()
+        if not events:
+            return
+        if self.args.on_nonfinite == "raise":  # computed from gathered data: every process raises
+            raise NonFiniteError(f"step {self.state.global_step + 1}: {events[0]}")
+        for event in events:
+            logger.warning("step %d: %s; the optimizer steps on this generation batch are skipped",
+                           self.state.global_step + 1, event)
+            if self.model.training:
+                key = f"guard/nonfinite/{event.method}"
+                self._counters[key] = self._counters.get(key, 0) + event.count
+        if self.model.training:
+            output[GUARD_KEY] = torch.tensor(1.0, device=self.accelerator.device)
+
+    def _guard_micro_batch(self, inputs: dict[str, Any], loss: Tensor) -> None:
+        events = self.pipeline.take_nonfinite()
+        if not self.model.training:  # evaluation: no optimizer step to protect
+            for event in events:
+                logger.warning("evaluation after step %d: %s", self.state.global_step, event)
+            return
+        for event in events:
+            if self.args.on_nonfinite == "skip":
+                logger.warning("step %d: %s; this optimizer step is skipped", self.state.global_step + 1, event)
+            self._flag(str(event), f"guard/nonfinite/{event.method}", event.count)
+        if GUARD_KEY in inputs and bool(inputs[GUARD_KEY] > 0):
+            self._flag("its generation batch holds non-finite method outputs")
+        if not bool(torch.isfinite(loss.detach()).all()):
+            logger.warning("step %d: TRL's loss is %s; this optimizer step is skipped", self.state.global_step + 1,
+                           float(loss.detach()))
+            self._flag(f"TRL's loss is {float(loss.detach())}", "guard/nonfinite/loss")
+
+    def _close_window(self, model: torch.nn.Module) -> None:
+        """End of an optimizer step's micro-batches: skip the step on every process if any process saw NaN/inf."""
+        self._window_open = False
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads_finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not grads_finite:
+            self._flag("the gradients are not finite", "guard/nonfinite/grad")
+        local = torch.tensor(float(bool(self._window_flags)), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local, reduction="sum")  # every process decides the same
+        skip = bool(local > 0)
+        reasons, self._window_flags = self._window_flags, []
+        counts, self._window_counts = self._window_counts, {}
+        if not skip:
+            return
+        for local_counts in gather_object([counts]) if self.accelerator.num_processes > 1 else [counts]:
+            for key, value in local_counts.items():
+                self._counters[key] = self._counters.get(key, 0) + value
+        if self.args.on_nonfinite == "raise":  # after the all-reduce: every process raises, none waits
+            why = "; ".join(reasons) or "another process saw NaN/inf"
+            raise NonFiniteError(f"step {self.state.global_step + 1}: {why}")
+        for p in model.parameters():  # the optimizer leaves parameters without a gradient (and their state) alone
+            p.grad = None
+        methods, trl_state = self._window_snapshot or (None, None)
+        if methods is not None:
+            self.pipeline.load_state_dict(methods)
+        if trl_state is not None:
+            self.entropy_coef, self._last_world_entropy = trl_state
+            self._entropy_window_stats = None
+        self._counters["guard/skipped_steps"] += 1
+        logger.warning("step %d skipped (%s); parameters, optimizer and method states are unchanged",
+                       self.state.global_step + 1, "; ".join(dict.fromkeys(reasons)) or "NaN/inf on another process")
+
+    def _count_reward_failures(self) -> None:
+        local = torch.tensor(self._reward_stats.drain(), dtype=torch.float32, device=self.accelerator.device)
+        total = self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        errors, timeouts = (int(v) for v in total.tolist())
+        self._counters["reward/errors"] += errors
+        self._counters["reward/timeouts"] += timeouts
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            logs.update(self._counters)  # run totals, on every training log line
+        super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------------
     # 7. metrics

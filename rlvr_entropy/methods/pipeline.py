@@ -7,11 +7,16 @@ Composition rules (each is tested in ``tests/test_pipeline.py``):
 - token_loss: weights multiply, detach masks are OR-ed, extra terms add; each method sees the
   product of the weights returned before it in ``batch.weight``.
 - state: one JSON-serialisable dict per method, keyed by the method's name.
+- non-finite outputs (NaN/inf where the input was finite): with ``on_nonfinite="raise"`` a
+  :class:`NonFiniteError` names the method and hook; with ``"skip"`` the method's output is dropped for
+  this call (identity: the previous rewards/advantages, no weight, no extra term) and the event is
+  recorded in ``nonfinite`` for the trainer, which skips the optimizer step(s) that would use it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,11 +39,27 @@ class NonFiniteError(FloatingPointError):
     """A method produced NaN or inf; the message names the method and the hook."""
 
 
+@dataclass(frozen=True)
+class NonFiniteEvent:
+    """A method's hook produced ``count`` NaN/inf values and its output was dropped (``on_nonfinite="skip"``)."""
+
+    method: str
+    hook: str
+    count: int
+
+    def __str__(self) -> str:
+        return f"method '{self.method}' produced {self.count} non-finite value(s) in its {self.hook} hook"
+
+
 class Pipeline:
     """An ordered, named chain of methods. ``Pipeline([])`` is the identity (plain GRPO)."""
 
-    def __init__(self, methods: Iterable[Method]) -> None:
+    def __init__(self, methods: Iterable[Method], on_nonfinite: str = "raise") -> None:
         self.methods = list(methods)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite: list[NonFiniteEvent] = []  # dropped outputs since the trainer last read them
         names = [m.name for m in self.methods]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -94,7 +115,8 @@ class Pipeline:
         for m in self._with("reward"):
             batch._prefix = f"{m.name}/"
             shaped = m.reward(rewards.clone(), batch)
-            _check_finite(shaped, rewards, m, "reward")
+            if not self._finite(shaped, rewards, m, "reward"):
+                shaped = rewards  # dropped: this method shapes nothing in this batch
             columns[m.name] = shaped - rewards
             rewards = shaped
         batch._prefix = ""
@@ -107,7 +129,8 @@ class Pipeline:
             out = m.advantage(advantages.clone(), batch)
             if out.shape[0] != advantages.shape[0] or out.dim() not in (1, 2):
                 raise ValueError(f"method '{m.name}' advantage hook returned shape {tuple(out.shape)}")
-            _check_finite(out if out.dim() == 1 else out * batch.mask, None, m, "advantage")
+            if not self._finite(out if out.dim() == 1 else out * batch.mask, None, m, "advantage"):
+                continue  # dropped: the advantages stay as they were before this method
             advantages = out
         batch._prefix = ""
         return advantages
@@ -128,18 +151,36 @@ class Pipeline:
                     raise ValueError(f"method '{m.name}' returned {label} of shape {tuple(t.shape)}, expected {shape}")
             if terms.weight is not None:
                 w = terms.weight.detach()
-                _check_finite(w * batch.mask, None, m, "token weight")
-                if bool((w < 0).any()):
-                    raise ValueError(f"method '{m.name}' returned negative token weights")
-                weight = w if weight is None else weight * w
+                if self._finite(w * batch.mask, None, m, "token weight"):
+                    if bool((w < 0).any()):
+                        raise ValueError(f"method '{m.name}' returned negative token weights")
+                    weight = w if weight is None else weight * w
             if terms.detach is not None:
                 d = terms.detach.bool()
                 detach = d if detach is None else detach | d
-            if terms.extra is not None:
-                _check_finite(terms.extra.detach() * batch.mask, None, m, "extra loss term")
+            if terms.extra is not None and self._finite(terms.extra.detach() * batch.mask, None, m, "extra loss term"):
                 extra = terms.extra if extra is None else extra + terms.extra
         batch._prefix = ""
         return TokenTerms(weight=weight, detach=detach, extra=extra)
+
+    def _finite(self, value: Tensor, reference: Tensor | None, method: Method, hook: str) -> bool:
+        """True if ``value`` is finite wherever ``reference`` (if given) is; else raise or record the event."""
+        try:
+            _check_finite(value, reference, method, hook)
+        except NonFiniteError:
+            if self.on_nonfinite == "raise":
+                raise
+            bad = ~torch.isfinite(value)
+            if reference is not None:
+                bad &= torch.isfinite(reference)
+            self.nonfinite.append(NonFiniteEvent(method.name, hook, int(bad.sum())))
+            return False
+        return True
+
+    def take_nonfinite(self) -> list[NonFiniteEvent]:
+        """The events recorded since the last call (and forget them)."""
+        events, self.nonfinite = self.nonfinite, []
+        return events
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,153 @@
+"""Numeric guards: NaN/inf from a method, TRL's loss or the gradients never reaches the optimizer.
+
+The step that would use them is skipped on every process, counted in ``guard/skipped_steps`` and logged
+with the method's name; parameters, optimizer state and method state stay as they were before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+from rlvr_entropy.config import load_recipe
+from rlvr_entropy.methods import Method, TokenTerms
+from rlvr_entropy.methods.pipeline import NonFiniteError
+from rlvr_entropy.runner import build_trainer
+
+HERE = Path(__file__).parent
+RECIPE = HERE.parent / "recipes" / "tiny" / "grpo.yaml"
+FAST = ["per_device_train_batch_size=16", "steps_per_generation=1", "num_generations=4", "data.num_prompts=64",
+        "learning_rate=1e-4", "reward_sandbox=none"]
+BAD_STEP = 1  # global step (0-based) whose generation batch / loss turns non-finite: the 2nd optimizer step
+
+
+@dataclass
+class NaNAdvantage(Method):
+    """Counts generation batches in its state; NaN advantages on the batch of BAD_STEP."""
+
+    name = "nan_advantage"
+
+    def init_state(self):
+        return {"batches": 0}
+
+    def advantage(self, advantages, batch):
+        if batch.training:
+            self.state["batches"] += 1
+        return advantages * float("nan") if batch.step == BAD_STEP else advantages
+
+
+@dataclass
+class InfWeight(Method):
+    name = "inf_weight"
+    rank: int = -1  # -1: every process
+
+    def token_loss(self, batch):
+        bad = batch.step == BAD_STEP and self.rank in (-1, batch.process_index)
+        return TokenTerms(weight=torch.full_like(batch.mask, float("inf") if bad else 1.0))
+
+
+@dataclass
+class NaNExtra(Method):
+    name = "nan_extra"
+
+    def token_loss(self, batch):
+        value = float("nan") if batch.step == BAD_STEP else 0.0
+        return TokenTerms(extra=batch.logps * 0.0 + value)
+
+
+class ParamsPerStep(TrainerCallback):
+    """A copy of the parameters after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.params: list[dict[str, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def run(tmp_path, overrides, steps=3):
+    out = tmp_path / "run"
+    trainer = build_trainer(load_recipe(RECIPE, [*FAST, f"max_steps={steps}", f"output_dir={out}", *overrides]))
+    record = ParamsPerStep()
+    trainer.add_callback(record)
+    trainer.train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return trainer, record.params, [r for r in rows if "loss" in r]
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("method", "counter"), [
+    ("test_guards.NaNAdvantage", "guard/nonfinite/nan_advantage"),
+    ("test_guards.InfWeight", "guard/nonfinite/inf_weight"),
+    ("test_guards.NaNExtra", "guard/nonfinite/nan_extra"),
+], ids=["advantage", "token_weight", "extra_term"])
+def test_non_finite_method_output_skips_the_step(tiny_model_path, tmp_path, caplog, method, counter):
+    trainer, params, rows = run(tmp_path, [f"methods=[{{name: {method}}}]"])
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # step 2 was skipped: its parameters are those of step 1; steps 1 and 3 trained
+    assert same(params[0], params[1])
+    assert not same(params[1], params[2])
+    assert all(bool(torch.isfinite(p).all()) for p in params[-1].values())
+    assert [r["guard/skipped_steps"] for r in rows] == [0, 1, 1]
+    assert rows[-1][counter] > 0
+    name = counter.rsplit("/", 1)[1]
+    assert f"method '{name}' produced" in caplog.text and "step 2 skipped" in caplog.text
+    # the optimizer never saw the skipped step: two Adam updates, not three
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {2}
+    if name == "nan_advantage":  # the skipped batch's state update was rolled back
+        assert trainer.pipeline.methods[0].state == {"batches": 2}
+
+
+def test_non_finite_trl_loss_skips_the_step(tiny_model_path, tmp_path, monkeypatch, caplog):
+    original = GRPOTrainer._compute_loss
+
+    def nan_at_bad_step(self, model, inputs):
+        loss = original(self, model, inputs)
+        return loss * float("nan") if self.state.global_step == BAD_STEP else loss
+
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", nan_at_bad_step)
+    trainer, params, rows = run(tmp_path, [])
+    assert same(params[0], params[1]) and not same(params[1], params[2])
+    assert rows[-1]["guard/skipped_steps"] == 1 and rows[-1]["guard/nonfinite/loss"] == 1
+    assert "TRL's loss is nan" in caplog.text
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {2}
+
+
+@pytest.mark.parametrize(("method", "message"), [
+    ("test_guards.NaNAdvantage", "step 2: method 'nan_advantage' produced 16 non-finite value.* advantage hook"),
+    ("test_guards.InfWeight", "step 2: method 'inf_weight' produced .* token weight hook"),
+], ids=["advantage", "token_weight"])
+def test_on_nonfinite_raise_stops_with_the_method_name(tiny_model_path, tmp_path, method, message):
+    with pytest.raises(NonFiniteError, match=message):
+        run(tmp_path, [f"methods=[{{name: {method}}}]", "on_nonfinite=raise"])
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_processes_skip_together(tiny_model_path, tmp_path):
+    """Only rank 1 sees an inf token weight: both ranks skip the step and keep identical parameters.
+    The same run has a reward function that raises on some samples of every rank: the counts are summed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE),
+           "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "multiproc_guard_worker.py"), str(RECIPE), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["checksums"] == r1["checksums"]  # the ranks never diverged
+    assert r0["checksums"][0] == r0["checksums"][1] != r0["checksums"][2]  # step 2 skipped everywhere
+    assert r0["counters"] == r1["counters"]
+    assert r0["counters"]["guard/skipped_steps"] == 1
+    assert r0["counters"]["reward/errors"] == r0["expected_errors"] + r1["expected_errors"] > 0
