@@ -151,3 +151,22 @@ def write_chat_rows(directory: Path) -> Path:
     path = directory / "chat.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+2?"}], "answer": "3"}) + "\n")
     return path
+
+
+TINY = Path(__file__).parent.parent / "recipes" / "tiny"
+# The baseline each tiny task's method recipes are compared with, and what a method may change beyond
+# `methods` because it needs it: ARES scales TRL's KL term (beta > 0); Clip-Cov and KL-Cov unclip PPO.
+TASK_BASELINES = {"arithmetic": "grpo", "arithmetic_think": "grpo_think", "split": "grpo_split"}
+METHOD_NEEDS = {"ares": {"beta"}, "clip_cov": {"epsilon", "epsilon_high"}, "kl_cov": {"epsilon", "epsilon_high"}}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in TINY.glob("*.yaml") if not p.stem.startswith("grpo")),
+                         ids=lambda p: p.stem)
+def test_every_tiny_method_recipe_differs_from_its_task_baseline_only_in_the_method(path):
+    recipe = load_recipe(path)
+    baseline = TINY / f"{TASK_BASELINES[recipe.data.task]}.yaml"
+    assert load_recipe(baseline).train.methods == []
+    ours, theirs = without_method(path), without_method(baseline)
+    for key in METHOD_NEEDS.get(path.stem, set()):
+        ours.pop(key), theirs.pop(key)
+    assert ours == theirs

@@ -12,7 +12,10 @@ from rlvr_entropy.tasks.arithmetic import _decomposition
 
 
 def evaluate_prompt(prompt: str) -> int:
-    """Independent check of a task prompt such as ``"12+7-30="``: sum the signed integer terms."""
+    """Independent check of a task prompt such as ``"12+7-30="``: sum the signed integer terms.
+    A ``split`` prompt ``"57=?+?"`` asks for a sum equal to its number."""
+    if prompt.endswith("=?+?"):
+        return int(prompt[: -len("=?+?")])
     assert prompt.endswith("=")
     terms = re.findall(r"[+-]?\d+", prompt[:-1])
     assert "".join(terms) == prompt[:-1], f"unexpected prompt shape {prompt!r}"
@@ -133,3 +136,17 @@ def test_completion_budget():
     for task in TASKS:
         longest = max(len(c) for c in make_sft_dataset(task, 500, seed=0)["completion"])
         assert longest + 1 <= completion_budget(task), task  # room for <eos>
+
+
+def test_split_has_many_right_answers_and_the_warm_start_shows_them():
+    rl = make_dataset("split", 300, seed=0)
+    assert all(10 <= int(a) <= 59 for a in rl["answer"])
+    sft = make_sft_dataset("split", 2000, seed=0)
+    by_prompt: dict[str, set[str]] = {}
+    for prompt, completion in zip(sft["prompt"], sft["completion"], strict=True):
+        a, b = (int(x) for x in re.fullmatch(r"(\d+)\+(\d+)", completion).groups())
+        assert a + b == evaluate_prompt(prompt) and len(completion) <= TASKS["split"].max_completion_chars
+        by_prompt.setdefault(prompt, set()).add(completion)
+    assert max(len(v) for v in by_prompt.values()) >= 10  # one prompt, many different right splits
+    # any split is right, whatever its form; a wrong sum is not
+    assert correctness(["57=?+?"] * 4, ["23+34", "0+57", "57+0", "23+33"], answer=["57"] * 4) == [1.0, 1.0, 1.0, 0.0]
