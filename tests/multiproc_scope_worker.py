@@ -2,7 +2,8 @@
 
 A test-only rollout method writes fixed completions that depend only on the global row index, so
 the batch is identical whatever the process count. Each rank writes the (global row, column) pairs
-its method selected (covariance methods), and its slice of the advantages, to ``$OUT/result<world>_<rank>.json``.
+its method selected (covariance methods), its slice of the advantages and the method's state to
+``$OUT/result<world>_<rank>.json``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main() -> None:
     out = trainer._generate_and_score_completions(rows[rank * local_rows : (rank + 1) * local_rows])
     key = f"carry/{method['name']}/selected"
     pairs = [[rank * local_rows + i, j] for i, j in out[key].bool().nonzero().tolist()] if key in out else []
-    result = {"selected": pairs, "advantages": out["advantages"].tolist()}
+    state = trainer.pipeline.state_dict()[method["name"].rsplit(".", 1)[-1]]
+    result = {"selected": pairs, "advantages": out["advantages"].tolist(), "state": state}
     (out_dir / f"result{world}_{rank}.json").write_text(json.dumps(result))
     # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
     trainer.accelerator.wait_for_everyone()

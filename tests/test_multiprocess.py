@@ -73,7 +73,8 @@ def run_scope_worker(model_dir, out_dir, method, world):
     results = [json.loads((out_dir / f"result{world}_{r}.json").read_text()) for r in range(world)]
     selected = sorted(tuple(p) for res in results for p in res["selected"])
     advantages = [a for res in results for a in res["advantages"]]
-    return selected, advantages
+    states = [res["state"] for res in results]
+    return selected, advantages, states
 
 
 @pytest.mark.slow
@@ -83,8 +84,8 @@ def run_scope_worker(model_dir, out_dir, method, world):
     {"name": "kl_cov", "selection_scope": "global", "ratio": 0.2},
 ], ids=["clip_cov", "kl_cov"])
 def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir, tmp_path, method):
-    one, _ = run_scope_worker(model_dir, tmp_path, method, 1)
-    two, _ = run_scope_worker(model_dir, tmp_path, method, 2)
+    one, _, _ = run_scope_worker(model_dir, tmp_path, method, 1)
+    two, _, _ = run_scope_worker(model_dir, tmp_path, method, 2)
     assert one, "nothing was selected: the test batch is degenerate"
     assert one == two
 
@@ -97,8 +98,8 @@ def test_global_scope_selects_the_same_tokens_on_one_and_two_processes(model_dir
 ], ids=["seed_grpo", "canon"])
 def test_group_advantages_are_the_same_on_one_and_two_processes(model_dir, tmp_path, method):
     """12 rows in groups of 4 split 6/6: the middle group spans both processes."""
-    _, one = run_scope_worker(model_dir, tmp_path, method, 1)
-    _, two = run_scope_worker(model_dir, tmp_path, method, 2)
+    _, one, _ = run_scope_worker(model_dir, tmp_path, method, 1)
+    _, two, _ = run_scope_worker(model_dir, tmp_path, method, 2)
     assert len(one) == 12 and any(abs(a) > 1e-3 for a in one)
     assert two == pytest.approx(one, abs=1e-5)
 
@@ -123,3 +124,36 @@ def test_methods_that_gather_inside_their_hooks_run_on_two_processes(tiny_model_
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*lines)
     assert set(keys) <= logged, sorted(logged)
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("mode", ["paper", "code"])
+def test_ares_running_state_is_the_same_on_every_process_and_process_count(model_dir, tmp_path, mode):
+    """ARES's thresholds, targets and caps come from the gathered batch: equal on each rank, and on 1 or 2 ranks."""
+    method = {"name": "ares", "mode": mode, "window": 1, "kl": False, "correct_from": "digit_value",
+              "trigger_words": None if mode == "paper" else ["1", "2", "3"]}
+    _, one, (state1,) = run_scope_worker(model_dir, tmp_path, method, 1)
+    _, two, (state_a, state_b) = run_scope_worker(model_dir, tmp_path, method, 2)
+    assert state_a == state_b
+    assert flat(state1).keys() == flat(state_a).keys()
+    for key, value in flat(state1).items():  # float sums may differ in the last bits between process counts
+        assert value == (flat(state_a)[key] if value is None else pytest.approx(flat(state_a)[key], rel=1e-5)), key
+    assert state1 != build_state(mode), "the batch left ARES's state untouched: the test would not see a difference"
+    assert two == pytest.approx(one, abs=1e-5)
+
+
+def build_state(mode):
+    from rlvr_entropy.methods import build_method
+
+    return build_method({"name": "ares", "mode": mode, "kl": False}).state
+
+
+def flat(state, prefix=""):
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
