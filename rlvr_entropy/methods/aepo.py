@@ -151,11 +151,8 @@ class Aepo(Method):
         # Counts here would be per process; the advantage hook logs the global number injected.
         if not keep:
             return main
-        out = main.replace_rows([rows[j] for j in keep], _subset(extra, keep))
-        flags = torch.zeros(len(main))
-        flags[[rows[j] for j in keep]] = 1.0
-        ctx.tag(out, INJECTED, flags)
-        return out
+        ctx.tag(extra, INJECTED, torch.ones(len(extra)))  # the tag travels with the rows it marks
+        return main.replace_rows([rows[j] for j in keep], extra.select(keep))
 
     def _extra_rows(self, ctx: RolloutContext) -> list[int]:
         """The first ``prompt_fraction`` of this process's rows, rounded up to whole prompt groups
@@ -193,10 +190,3 @@ class Aepo(Method):
         if advantages.dim() == 2:
             return torch.where(touched.unsqueeze(1), value.unsqueeze(1).to(advantages), advantages)
         return torch.where(touched, value.to(advantages), advantages)
-
-
-def _subset(rollout: Rollout, rows: list[int]) -> Rollout:
-    logprobs = None if rollout.logprobs is None else [rollout.logprobs[j] for j in rows]
-    stats = {k: [v[j] for j in rows] for k, v in rollout.stats.items()}
-    tags = {k: v[rows] for k, v in rollout.tags.items()}
-    return Rollout([rollout.completion_ids[j] for j in rows], logprobs, stats, tags)

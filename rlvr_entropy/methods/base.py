@@ -69,6 +69,13 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def select(self, rows: list[int]) -> Rollout:
+        """The listed rows, in that order, with their log-probs, statistics and tags."""
+        logprobs = None if self.logprobs is None else [self.logprobs[j] for j in rows]
+        stats = {k: [v[j] for j in rows] for k, v in self.stats.items()}
+        tags = {k: v[rows] for k, v in self.tags.items()}
+        return Rollout([self.completion_ids[j] for j in rows], logprobs, stats, tags)
+
     def replace_rows(self, rows: list[int], other: Rollout) -> Rollout:
         """Return a copy where row ``rows[j]`` is taken from row ``j`` of ``other``.
 
