@@ -154,11 +154,17 @@ def paper_penalty(n_he: Tensor, bucket: Tensor, correct: Tensor, target: Tensor,
     return -(~correct).float() * lam[bucket] * g
 
 
-def paper_lambda(n_he: Tensor, bucket: Tensor, target: Tensor, eps: float) -> Tensor:
-    """``lambda_d = max(0, (E[N_HE|d] - target_d) / (Var[N_HE|d] + eps))`` per bucket, (3,); 0 for empty buckets."""
+def bucket_moments(n_he: Tensor, bucket: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Size, mean and (population) variance of ``N_HE`` in each difficulty bucket, (3,) each; 0 when empty."""
     count = torch.zeros(3).index_add_(0, bucket, torch.ones_like(n_he))
     mean = torch.zeros(3).index_add_(0, bucket, n_he) / count.clamp(min=1)
     var = torch.zeros(3).index_add_(0, bucket, (n_he - mean[bucket]) ** 2) / count.clamp(min=1)
+    return count, mean, var
+
+
+def paper_lambda(n_he: Tensor, bucket: Tensor, target: Tensor, eps: float) -> Tensor:
+    """``lambda_d = max(0, (E[N_HE|d] - target_d) / (Var[N_HE|d] + eps))`` per bucket, (3,); 0 for empty buckets."""
+    count, mean, var = bucket_moments(n_he, bucket)
     lam = ((mean - target) / (var + eps)).clamp(min=0)
     return torch.where(count > 0, lam, torch.zeros_like(lam))
 
@@ -324,8 +330,7 @@ class Ares(Method):
         return [list(p) for p in sorted(patterns) if p]
 
     def _paper_reward(self, n_he: Tensor, bucket: Tensor, correct: Tensor, batch: RolloutBatch) -> Tensor:
-        count = torch.zeros(3).index_add_(0, bucket, torch.ones_like(n_he))
-        mean = torch.zeros(3).index_add_(0, bucket, n_he) / count.clamp(min=1)
+        count, mean, _ = bucket_moments(n_he, bucket)
         # A bucket seen for the first time gets this batch's mean as its target (so lambda_d = 0).
         target = torch.tensor([
             mean[b].item() if self.state["targets"][name] is None else self.state["targets"][name]
