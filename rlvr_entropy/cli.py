@@ -59,19 +59,32 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_law(args: argparse.Namespace) -> int:
-    from rlvr_entropy.analysis import AnalysisError, fit_run_law, load_run
-    from rlvr_entropy.plotting import LawPoints, law_figure, save_figure
+def _analyse_each(runs: list[str], analyse):
+    """``analyse(run)`` for each run directory: ``[(run, result)]`` and the refusals (``"dir: reason"``).
 
-    fitted, refused = [], []
-    for run_dir in args.runs:
+    A run the analysis refuses (AnalysisError) does not stop the others; the caller reports it.
+    """
+    from rlvr_entropy.analysis import AnalysisError, load_run
+
+    done, refused = [], []
+    for run_dir in runs:
         run = load_run(run_dir)
         try:
-            fit, h_key, r_key = fit_run_law(run.rows, entropy_key=args.entropy_key, performance=args.metric,
-                                            min_points=args.min_points, min_entropy_range=args.min_entropy_range)
+            done.append((run, analyse(run)))
         except AnalysisError as err:
             refused.append(f"{run_dir}: {err}")
-            continue
+    return done, refused
+
+
+def _fit_law(args: argparse.Namespace) -> int:
+    from rlvr_entropy.analysis import AnalysisError, fit_run_law
+    from rlvr_entropy.plotting import LawPoints, law_figure, save_figure
+
+    done, refused = _analyse_each(args.runs, lambda run: fit_run_law(
+        run.rows, entropy_key=args.entropy_key, performance=args.metric,
+        min_points=args.min_points, min_entropy_range=args.min_entropy_range))
+    fitted = []
+    for run, (fit, h_key, r_key) in done:
         fitted.append(LawPoints(run, fit, h_key, r_key))
         print(f"{run.label}: R = -a*exp(H) + b on {fit.n} points ({r_key} vs {h_key}, "
               f"H from {fit.entropy_min:.3f} to {fit.entropy_max:.3f} nats)")
@@ -87,18 +100,12 @@ def _fit_law(args: argparse.Namespace) -> int:
 
 
 def _covariance(args: argparse.Namespace) -> int:
-    from rlvr_entropy.analysis import AnalysisError, load_run, run_covariance_diagnostic
+    from rlvr_entropy.analysis import AnalysisError, run_covariance_diagnostic
     from rlvr_entropy.plotting import covariance_figure, save_figure
 
-    results, refused = [], []
-    for run_dir in args.runs:
-        run = load_run(run_dir)
-        try:
-            d = run_covariance_diagnostic(run.rows, min_points=args.min_points)
-        except AnalysisError as err:
-            refused.append(f"{run_dir}: {err}")
-            continue
-        results.append((run, d))
+    results, refused = _analyse_each(
+        args.runs, lambda run: run_covariance_diagnostic(run.rows, min_points=args.min_points))
+    for run, d in results:
         print(f"{run.label}: {d.n} steps; per step corr(dH, Cov) = {d.correlation:.3f}, slope {d.slope:.3g}, "
               f"sign(dH) = -sign(Cov) on {100 * d.sign_agreement:.0f}%; cumulative H(t) - H(0) ~ -eta * sum Cov: "
               f"eta = {d.eta:.3g}, corr = {d.cumulative_correlation:.3f}")
