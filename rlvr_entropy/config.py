@@ -89,12 +89,21 @@ class EntropyGRPOConfig(GRPOConfig):
             "always get it."
         },
     )
-    rollout_stats_source: Literal["auto", "generate", "forward"] = field(
+    rollout_stats_source: Literal["auto", "generate", "vllm", "forward"] = field(
         default="auto",
         metadata={
             "help": "Where rollout statistics come from: 'generate' reads them from HF generate's own forward "
-            "calls; 'forward' runs one no-grad pass per generation batch; 'auto' picks 'generate' when "
-            "generation runs through HF generate, else 'forward'."
+            "calls; 'vllm' from vLLM's top-k log-probs (entropy: a lower-bound estimate, see vllm_entropy_topk); "
+            "'forward' runs one no-grad pass per generation batch (exact); 'auto' picks 'generate' with HF "
+            "generate, 'vllm' with use_vllm, else 'forward'."
+        },
+    )
+    vllm_entropy_topk: int = field(
+        default=20,
+        metadata={
+            "help": "With rollout_stats_source 'vllm': how many top log-probs vLLM returns per generated token. The "
+            "entropy estimate counts the tokens outside them as one bucket, a lower bound on the exact entropy; -1 "
+            "asks for the whole vocabulary (exact, affordable for small vocabularies only)."
         },
     )
     answer_extractor: str = field(
@@ -151,10 +160,13 @@ class EntropyGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.rollout_stats_source not in ("auto", "generate", "forward"):
+        if self.rollout_stats_source not in ("auto", "generate", "vllm", "forward"):
             raise ValueError(
-                f"rollout_stats_source must be 'auto', 'generate' or 'forward', got {self.rollout_stats_source!r}"
+                "rollout_stats_source must be 'auto', 'generate', 'vllm' or 'forward', "
+                f"got {self.rollout_stats_source!r}"
             )
+        if not (self.vllm_entropy_topk == -1 or self.vllm_entropy_topk >= 1):
+            raise ValueError(f"vllm_entropy_topk must be >= 1, or -1 for the whole vocabulary, got {self.vllm_entropy_topk}")
         # TRL checks these only when the first loss is computed, after a whole generation batch.
         for name, choices in CHOICES.items():
             value = getattr(self, name)

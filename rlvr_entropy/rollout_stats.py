@@ -1,11 +1,15 @@
 """Rollout statistics: behaviour-policy token entropy and sampled-token log-probs, and their summaries.
 
-Two sources produce the same per-token numbers:
+Three sources produce the same per-token numbers:
 
 - ``generate``: read from HF ``generate``'s own forward calls through a forward hook. Each decoding
   step's logits (B, V) are turned into an entropy (B,) and, one step later when the sampled token is
   known, its log-prob (B,); only one step's (B, V) log-softmax is alive at a time, so nothing of
   size (B, T, V) is kept and no extra forward pass runs.
+- ``vllm``: vLLM's own top-k log-probs of every generated token (``topk_token_stats``): the sampled
+  token's log-prob exactly, and an entropy *estimate* from the k most likely tokens with the rest of
+  the vocabulary as one bucket, a lower bound on the exact entropy (equal to it when k covers the
+  vocabulary). vLLM already computed these numbers; nothing of size (B, T, V) is built here.
 - ``forward``: one no-grad forward over the finished batch with TRL's fused LM head (used with vLLM,
   continuous batching, tool loops or a custom ``rollout_func``). When TRL already runs its old-logp
   forward for the batch, that pass is reused.
@@ -13,14 +17,18 @@ Two sources produce the same per-token numbers:
 Both describe the temperature-scaled distribution ``softmax(logits / T_train)`` over the full
 vocabulary, i.e. the same distribution the training pass scores; sampling-time truncation (top-p,
 top-k, min-p) is not applied, so with truncation on this is the entropy of the policy being trained,
-not of the truncated sampler.
+not of the truncated sampler. vLLM's numbers are its "processed" log-probs: after temperature, and
+after top-k/top-p/min-p and penalties when those are set, i.e. the distribution it sampled from.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from types import TracebackType
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +39,83 @@ def step_entropy_and_logprobs(logits: Tensor, temperature: float) -> tuple[Tenso
     p = logp.exp()
     plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))  # 0·log 0 = 0 for masked tokens
     return -plogp.sum(dim=-1), logp
+
+
+def topk_entropy(logprobs: Tensor) -> Tensor:
+    """Entropy lower bound from the log-probs of each position's most likely tokens.
+
+    With S the probability mass of the listed tokens, the unlisted ones are counted as one bucket:
+    ``H_k = -sum_i p_i log p_i - (1 - S) log(1 - S)``. Every unlisted token has p <= 1 - S, so
+    ``-log p >= -log(1 - S)`` for each of them and ``H_k <= H``; equality when the list covers every
+    token with non-zero probability.
+
+    Args:
+        logprobs: (N, K) float; entries that are not listed tokens are -inf or NaN.
+    Returns:
+        (N,) float32.
+    """
+    lp = torch.nan_to_num(logprobs.double(), nan=-math.inf, posinf=-math.inf)  # NaN/None: not a listed token
+    p = lp.exp()  # (N, K), 0 where not listed
+    head = -torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(dim=-1)  # (N,)
+    tail = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # rounding can push the listed mass past 1
+    tail_term = -torch.where(tail > 0, tail * torch.log(tail.clamp(min=1e-300)), torch.zeros_like(tail))
+    return (head + tail_term).float()
+
+
+def topk_token_stats(
+    completion_ids: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[Sequence[float | None]]],
+    token_ids: Sequence[Sequence[Sequence[int]]],
+) -> tuple[dict[str, list[Tensor]], list[list[float]]]:
+    """Per-token rollout statistics from vLLM's top-k log-probs (as TRL's ``VLLMGeneration.generate`` returns them).
+
+    Args:
+        completion_ids: per row, the sampled tokens (T_i,).
+        logprobs: per row and position, the log-probs of the top-k tokens plus the sampled one
+            (k or k+1 entries, any order; None for NaN).
+        token_ids: the token ids of those entries, same nesting.
+    Returns:
+        ``({"entropy": rows, "logps": rows}, sampled)``: float32 (T_i,) tensors per row (the top-k entropy
+        estimate and the sampled token's log-prob), and the sampled token's log-prob per position as the
+        Python float vLLM returned (NaN where it returned none), which is what TRL reads with ``logprobs=0``.
+    """
+    lengths = [len(c) for c in completion_ids]
+    if [len(r) for r in logprobs] != lengths or [len(r) for r in token_ids] != lengths:
+        raise ValueError("vLLM returned log-probs for a different number of tokens than it generated")
+    counts_list = [len(pos) for row in logprobs for pos in row]  # entries per generated token
+    n_pos = len(counts_list)
+    if n_pos == 0:
+        empty = [torch.zeros(0) for _ in lengths]
+        return {"entropy": empty, "logps": list(empty)}, [[] for _ in lengths]
+    # The nested lists arrive from vLLM as Python objects: one flattening pass, then only tensor ops.
+    values = torch.from_numpy(  # None -> NaN
+        np.array(list(itertools.chain.from_iterable(itertools.chain.from_iterable(logprobs))), dtype=np.float64)
+    )  # (E,)
+    ids = torch.from_numpy(
+        np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(token_ids)), dtype=np.int64)
+    )  # (E,)
+    counts = torch.tensor(counts_list)  # (P,)
+    if values.numel() != ids.numel() or values.numel() != int(counts.sum()):
+        raise ValueError("vLLM's log-probs and their token ids do not line up")
+    width = int(counts.max())
+    pos = torch.repeat_interleave(torch.arange(n_pos), counts)  # (E,) position of each entry
+    col = torch.arange(values.numel()) - (torch.cumsum(counts, 0) - counts)[pos]  # (E,) slot within its position
+    lp = torch.full((n_pos, width), -math.inf, dtype=torch.float64)
+    lp[pos, col] = values
+    id_grid = torch.full((n_pos, width), -1, dtype=torch.long)
+    id_grid[pos, col] = ids
+    sampled_ids = torch.tensor(list(itertools.chain.from_iterable(completion_ids)), dtype=torch.long)  # (P,)
+    hit = id_grid == sampled_ids.unsqueeze(1)  # (P, K)
+    found = hit.any(dim=1)
+    sampled = lp.gather(1, hit.int().argmax(dim=1, keepdim=True)).squeeze(1)
+    sampled = torch.where(found, sampled, torch.full_like(sampled, math.nan))  # (P,) float64: vLLM's values
+    entropy = topk_entropy(lp)  # (P,)
+    stats = {
+        "entropy": list(torch.split(entropy, lengths)),
+        "logps": list(torch.split(sampled.float(), lengths)),
+    }
+    sampled_rows = [row.tolist() for row in torch.split(sampled, lengths)]
+    return stats, sampled_rows
 
 
 class GenerationRecorder:

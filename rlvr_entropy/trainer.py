@@ -10,8 +10,9 @@ Per generation batch, inside TRL's ``_generate_and_score_completions``:
                outermost; they may regenerate rows at other temperatures.
 2. statistics  the union of the methods' ``needs`` (rollout token entropy, sampled-token log-probs,
                decoded answers, thinking-phase boundaries), computed once for the batch: read from
-               HF generate's own forward calls, or from one no-grad forward (reusing TRL's old-logp
-               pass when it runs). See ``rollout_stats.py``.
+               HF generate's own forward calls, from vLLM's top-k log-probs, or from one no-grad
+               forward (reusing TRL's old-logp pass when it runs). See ``rollout_stats.py`` and
+               ``vllm_backend.py``.
 3. reward      ``_calculate_rewards``: after TRL has scored and gathered the user reward functions,
                reward hooks reshape the scalar reward of every sample on every process, in list
                order; each method's change becomes one extra reward column named after it, which
@@ -91,6 +92,14 @@ from rlvr_entropy.registry import Registry
 from rlvr_entropy.rollout_stats import GenerationRecorder, find_marker, masked_quantiles, pad_rows
 from rlvr_entropy.sandbox import SandboxedReward, SandboxStats, sandboxed
 from rlvr_entropy.tensor_ops import masked_mean, per_token
+from rlvr_entropy.vllm_backend import (
+    TopKTap,
+    check_server,
+    engine_max_logprobs,
+    engine_overrides,
+    install_cpu_weight_sync,
+    vllm_platform_is_cpu,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +170,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         self.pipeline = Pipeline.from_config(args.methods)
         # The pipeline records NaN/inf outputs; the trainer skips or raises (on every process together).
         self.pipeline.on_nonfinite = "skip"
-        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        with self._vllm_engine_overrides(args):
+            super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
 
         self._num_user_rewards = len(self.reward_funcs)
         reward_methods = [m.name for m in self.pipeline.methods if "reward" in m.hooks()]
@@ -182,8 +192,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
 
         self._stats_source = self._resolve_stats_source(args)
         self._needs = set(self.pipeline.needs)
-        if args.log_rollout_entropy and self._stats_source == "generate":
-            self._needs.add("entropy")  # free: read from generation's own forward calls
+        if args.log_rollout_entropy and self._stats_source in ("generate", "vllm"):
+            self._needs.add("entropy")  # free: read from generation's own forward calls, or vLLM's log-probs
+        self._vllm_topk = self._stats_source == "vllm" and bool(self._needs & {"entropy", "logps"})
+        # The estimate is worth comparing with the training pass's exact entropy: carry it into the loss.
+        self._log_gap = self._vllm_topk and "entropy" in self._needs and args.log_rollout_entropy
+        if self._vllm_topk:
+            self.vllm_generation.logprobs = args.vllm_entropy_topk  # TRL asks for 0 (the sampled token only)
+            if self.vllm_mode == "server":
+                check_server(self.vllm_generation, args.vllm_entropy_topk, self.temperature)
+        if self.use_vllm and self._vllm_on_cpu:
+            install_cpu_weight_sync(self.vllm_generation)
         if self.pipeline.uses("rollout") and (self.rollout_func is not None or self.tools):
             raise ValueError(
                 f"methods {self.pipeline.names} change sampling, which needs TRL's own generation: "
@@ -223,17 +242,39 @@ class EntropyGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # setup helpers
 
+    @contextlib.contextmanager
+    def _vllm_engine_overrides(self, args: EntropyGRPOConfig) -> Iterator[None]:
+        """Around TRL's ``__init__``: the vLLM engine settings it does not pass (see ``vllm_backend.py``)."""
+        self._vllm_on_cpu = False
+        if not args.use_vllm:
+            yield
+            return
+        self._vllm_on_cpu = vllm_platform_is_cpu()
+        topk = args.rollout_stats_source in ("auto", "vllm")
+        cpu_trainer = args.use_cpu or not torch.cuda.is_available()
+        with engine_overrides(
+            max_logprobs=engine_max_logprobs(args.vllm_entropy_topk) if topk else None,
+            cpu_dtype=("bfloat16" if args.bf16 else "float32") if self._vllm_on_cpu else None,
+            skip_communicator=args.vllm_mode == "server" and cpu_trainer,
+        ):
+            yield
+
     def _resolve_stats_source(self, args: EntropyGRPOConfig) -> str:
         hf_generate = not (
             self.use_vllm or self.use_transformers_continuous_batching or self.rollout_func is not None or self.tools
         )
+        vllm = self.use_vllm and self.rollout_func is None and not self.tools
         if args.rollout_stats_source == "generate" and not hf_generate:
             raise ValueError(
                 "rollout_stats_source='generate' needs plain HF generation (no vLLM, continuous batching, "
                 "rollout_func or tools); use 'forward' or 'auto'"
             )
+        if args.rollout_stats_source == "vllm" and not vllm:
+            raise ValueError(
+                "rollout_stats_source='vllm' needs use_vllm (without rollout_func or tools); use 'forward' or 'auto'"
+            )
         if args.rollout_stats_source == "auto":
-            return "generate" if hf_generate else "forward"
+            return "generate" if hf_generate else "vllm" if vllm else "forward"
         return args.rollout_stats_source
 
     def _encode_marker(self, marker: str) -> list[int]:
@@ -331,11 +372,17 @@ class EntropyGRPOTrainer(GRPOTrainer):
             if rows is not None and (images is not None or multimodal_fields or self.use_vllm):
                 raise ValueError("regenerating a subset of rows is supported for text-only HF generation only")
             ids = prompt_ids if rows is None else [prompt_ids[i] for i in rows]
-            with self._sampling_temperature(temperature), self._recorder(record) as recorder:
+            with (
+                self._sampling_temperature(temperature),
+                self._recorder(record) as recorder,
+                self._vllm_tap(self._vllm_topk) as tap,
+            ):
                 completion_ids, logprobs = GRPOTrainer._generate_single_turn(
                     self, ids, images, multimodal_fields, num_generations, has_tool_images
                 )
             stats = recorder.rows(completion_ids, self._tokenizer.pad_token_id) if recorder else {}
+            if tap is not None:
+                stats = {k: v for k, v in tap.stats.items() if k in self._needs}
             return Rollout(completion_ids, logprobs, stats)
 
         if self.pipeline.uses("rollout"):
@@ -415,6 +462,22 @@ class EntropyGRPOTrainer(GRPOTrainer):
             model = model.get_base_model()
         with GenerationRecorder(model, self.temperature, logps="logps" in self._needs) as recorder:
             yield recorder
+
+    @contextlib.contextmanager
+    def _vllm_tap(self, enabled: bool) -> Iterator[TopKTap | None]:
+        """For one generate call: read vLLM's top-k log-probs into rollout statistics (``vllm_backend.TopKTap``)."""
+        if not enabled:
+            yield None
+            return
+        generation = self.vllm_generation
+        # vLLM's processed log-probs are at the sampling temperature; the statistics must describe the
+        # training temperature, so a rollout hook sampling hotter or colder gets the forward pass instead.
+        tap = TopKTap(generation.generate, consistent=generation.temperature == self.temperature)
+        generation.generate = tap
+        try:
+            yield tap
+        finally:
+            del generation.generate  # the instance attribute: the class's method shows through again
 
     def _old_logps_computed(self) -> bool:
         """Mirror of TRL's condition for running the no-grad old-logp forward in this generation batch."""
@@ -590,7 +653,7 @@ class EntropyGRPOTrainer(GRPOTrainer):
         local = self._process_slice(local_rows)
         for key, name in (("entropy", "rollout_entropy"), ("logps", "rollout_logps")):
             value = getattr(batch, key)
-            if value is not None and key in self.pipeline.needs:
+            if value is not None and (key in self.pipeline.needs or (key == "entropy" and self._log_gap)):
                 value = value[local, :width]
                 output[name] = torch.nn.functional.pad(value, (0, width - value.size(1)))
         if self.pipeline.uses("advantage"):
@@ -652,6 +715,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if call.entropies is not None:
             self._log_entropy("entropy", call.entropies, mask.float(), gathered=False, mean=False)
             self._log_covariance(call.logps, inputs["advantages"], mask.float())
+            if self._log_gap and "rollout_entropy" in inputs:
+                self._log_entropy_gap(inputs["rollout_entropy"], call.entropies, mask.float())
         self._log_reduced(call.metrics)
         self._micro_step += 1
         self._guard_micro_batch(inputs, loss)
@@ -943,6 +1008,22 @@ class EntropyGRPOTrainer(GRPOTrainer):
         n, sa, sl, sal = self.accelerator.reduce(sums, reduction="sum").tolist()
         if n > 0:
             self._metrics[self._mode()]["covariance/logp_adv"].append(sal / n - (sa / n) * (sl / n))
+
+    def _log_entropy_gap(self, rollout: Tensor, training: Tensor, mask: Tensor) -> None:
+        """``rollout_entropy/gap``: mean |H_rollout - H_train| over the valid tokens of all processes (and the signed
+        mean, ``gap_signed`` = train - rollout, positive for a lower-bound estimate).
+
+        H_rollout is the estimate from vLLM's top-k log-probs, H_train the exact entropy of the training
+        forward on the same tokens. The first loss step after a generation compares the same weights, so
+        the gap there is the estimator's error; later steps of the same generation batch include the
+        policy's own change since generation.
+        """
+        diff = (training.detach().float() - rollout.float()) * mask  # (B, T)
+        sums = torch.stack([mask.sum(), diff.abs().sum(), diff.sum()])
+        n, abs_sum, signed_sum = self.accelerator.reduce(sums, reduction="sum").tolist()
+        if n > 0:
+            self._metrics[self._mode()]["rollout_entropy/gap"].append(abs_sum / n)
+            self._metrics[self._mode()]["rollout_entropy/gap_signed"].append(signed_sum / n)
 
     def _log_entropy(self, prefix: str, values: Tensor, mask: Tensor, gathered: bool, mean: bool = True) -> None:
         """Mean and p10/p50/p90 of token entropy over the valid tokens of all processes."""
