@@ -95,6 +95,7 @@ from rlvr_entropy.tensor_ops import masked_mean, per_token
 from rlvr_entropy.vllm_backend import (
     TopKTap,
     check_server,
+    cpu_kv_cache_default,
     engine_max_logprobs,
     engine_overrides,
     install_cpu_weight_sync,
@@ -250,6 +251,8 @@ class EntropyGRPOTrainer(GRPOTrainer):
             yield
             return
         self._vllm_on_cpu = vllm_platform_is_cpu()
+        if self._vllm_on_cpu and args.vllm_mode == "colocate":
+            cpu_kv_cache_default()
         topk = args.rollout_stats_source in ("auto", "vllm")
         cpu_trainer = args.use_cpu or not torch.cuda.is_available()
         with engine_overrides(

