@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import Tensor
 from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
@@ -94,11 +94,11 @@ from rlvr_entropy.sandbox import SandboxedReward, SandboxStats, sandboxed
 from rlvr_entropy.tensor_ops import masked_mean, per_token
 from rlvr_entropy.vllm_backend import (
     TopKTap,
-    check_server,
     cpu_kv_cache_default,
     engine_max_logprobs,
     engine_overrides,
     install_cpu_weight_sync,
+    server_problem,
     vllm_platform_is_cpu,
 )
 
@@ -201,7 +201,10 @@ class EntropyGRPOTrainer(GRPOTrainer):
         if self._vllm_topk:
             self.vllm_generation.logprobs = args.vllm_entropy_topk  # TRL asks for 0 (the sampled token only)
             if self.vllm_mode == "server":
-                check_server(self.vllm_generation, args.vllm_entropy_topk, self.temperature)
+                problem = [server_problem(self.vllm_generation, args.vllm_entropy_topk, self.temperature)]
+                broadcast_object_list(problem, from_process=0)  # only the main process asks the server
+                if problem[0] is not None:
+                    raise ValueError(problem[0])
         if self.use_vllm and self._vllm_on_cpu:
             install_cpu_weight_sync(self.vllm_generation)
         if self.pipeline.uses("rollout") and (self.rollout_func is not None or self.tools):

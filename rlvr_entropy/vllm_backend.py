@@ -134,29 +134,31 @@ def engine_max_logprobs(k: int) -> int | None:
     return k if k > VLLM_DEFAULT_MAX_LOGPROBS else None
 
 
-def check_server(generation: Any, k: int, temperature: float) -> None:
-    """Server mode: stop before training when the server cannot return what the statistics need.
+def server_problem(generation: Any, k: int, temperature: float) -> str | None:
+    """Server mode: why the server cannot return what the statistics need, or None when it can.
 
     The top-k must be processed log-probs (after temperature) to describe the distribution the
-    training pass scores, and the server must allow ``k`` of them.
+    training pass scores, and the server must allow ``k`` of them. Only the main process has a client
+    (None elsewhere): the trainer broadcasts its answer so every process stops together.
     """
     client = getattr(generation, "vllm_client", None)
-    if client is None:  # not the main process: only it talks to the server
-        return
+    if client is None:
+        return None
     config = client.get_server_info().get("model_config", {})
     mode = config.get("logprobs_mode")
     if mode is not None and mode != "processed_logprobs" and temperature != 1.0:
-        raise ValueError(
+        return (
             f"the vLLM server runs with --logprobs-mode {mode}: its top-k log-probs describe temperature 1, not the "
             f"training temperature {temperature}, so the rollout entropy would be wrong. Restart it with "
             "--logprobs-mode processed_logprobs (trl vllm-serve does), or set rollout_stats_source: forward"
         )
     allowed = config.get("max_logprobs")
     if isinstance(allowed, int) and allowed != -1 and (k == -1 or k > allowed):
-        raise ValueError(
+        return (
             f"vllm_entropy_topk={k} but the vLLM server allows {allowed} log-probs per token. Restart it with "
-            f"--max-logprobs {k if k != -1 else -1} (trl vllm-serve uses -1), or lower vllm_entropy_topk"
+            f"--max-logprobs {k} (trl vllm-serve uses -1), or lower vllm_entropy_topk"
         )
+    return None
 
 
 def install_cpu_weight_sync(generation: Any) -> None:

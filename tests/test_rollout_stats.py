@@ -207,15 +207,14 @@ class FakeClient:
 def test_server_check_refuses_what_would_make_the_estimate_wrong():
     from types import SimpleNamespace
 
-    from rlvr_entropy.vllm_backend import check_server
+    from rlvr_entropy.vllm_backend import server_problem
 
     ok = SimpleNamespace(vllm_client=FakeClient(logprobs_mode="processed_logprobs", max_logprobs=-1))
-    check_server(ok, 20, 0.7)
+    assert server_problem(ok, 20, 0.7) is None
     raw = SimpleNamespace(vllm_client=FakeClient(logprobs_mode="raw_logprobs", max_logprobs=-1))
-    with pytest.raises(ValueError, match="processed_logprobs"):
-        check_server(raw, 20, 0.7)
-    check_server(raw, 20, 1.0)  # raw and processed agree at temperature 1 (no truncation)
+    assert "processed_logprobs" in server_problem(raw, 20, 0.7)
+    assert server_problem(raw, 20, 1.0) is None  # raw and processed agree at temperature 1 (no truncation)
     few = SimpleNamespace(vllm_client=FakeClient(logprobs_mode="processed_logprobs", max_logprobs=5))
-    with pytest.raises(ValueError, match="--max-logprobs 20"):
-        check_server(few, 20, 1.0)
-    check_server(SimpleNamespace(), 20, 0.7)  # processes other than the main one have no client
+    assert "--max-logprobs 20" in server_problem(few, 20, 1.0)
+    assert "--max-logprobs -1" in server_problem(few, -1, 1.0)
+    assert server_problem(SimpleNamespace(), 20, 0.7) is None  # processes other than the main one have no client
