@@ -199,9 +199,14 @@ class EntropyGRPOTrainer(GRPOTrainer):
         # The estimate is worth comparing with the training pass's exact entropy: carry it into the loss.
         self._log_gap = self._vllm_topk and "entropy" in self._needs and args.log_rollout_entropy
         if self._vllm_topk:
-            self.vllm_generation.logprobs = args.vllm_entropy_topk  # TRL asks for 0 (the sampled token only)
+            topk = args.vllm_entropy_topk
+            if topk == -1 and self.vllm_mode == "server":
+                # The server's OpenAI endpoint answers logprobs=-1 with the sampled token alone (measured):
+                # ask for the whole vocabulary by its size instead.
+                topk = int(self.accelerator.unwrap_model(self.model).config.vocab_size)
+            self.vllm_generation.logprobs = topk  # TRL asks for 0 (the sampled token only)
             if self.vllm_mode == "server":
-                problem = [server_problem(self.vllm_generation, args.vllm_entropy_topk, self.temperature)]
+                problem = [server_problem(self.vllm_generation, topk, self.temperature)]
                 broadcast_object_list(problem, from_process=0)  # only the main process asks the server
                 if problem[0] is not None:
                     raise ValueError(problem[0])

@@ -149,7 +149,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(out: Path) -> dict:
+def check_run(out: Path, max_gap: float) -> dict:
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert len(rows) == 2
     assert rows[0]["grad_norm"] > 0, "the first step must change the weights, or the sync check below is empty"
@@ -157,9 +157,10 @@ def check_run(out: Path) -> dict:
         # vLLM and the training pass agree on the sampled tokens' log-probs: the weights were synced.
         assert r["sampling/sampling_logp_difference/mean"] < 1e-4, r
         assert math.isfinite(r["rollout_entropy/mean"]) and r["rollout_entropy/mean"] > 0
-        # Estimate (top-20 + tail bucket) against the exact entropy of the first loss step of this batch.
-        assert 0 <= r["rollout_entropy/gap"] < 0.05, r
-        assert r["rollout_entropy/gap_signed"] >= -1e-4  # a lower bound
+        # Estimate against the exact entropy of the training pass on the same tokens (same weights here:
+        # one loss step per generation). A lower bound: every token's gap is >= 0, so |gap| == signed gap.
+        assert 0 <= r["rollout_entropy/gap"] < max_gap, r
+        assert abs(r["rollout_entropy/gap"] - r["rollout_entropy/gap_signed"]) < 1e-4, r
         assert 0.0 <= r["canon/high_won"] <= 1.0  # CANON split the groups by the vLLM entropy estimate
     return rows[-1]
 
@@ -167,7 +168,7 @@ def check_run(out: Path) -> dict:
 def test_grpo_colocate_two_steps_feeds_canon(tmp_path: Path) -> None:
     out = tmp_path / "colocate"
     train(load_recipe(REPO / "recipes/tiny/canon.yaml", [*FAST, "vllm_mode=colocate", f"output_dir={out}"]))
-    last = check_run(out)
+    last = check_run(out, max_gap=0.2)  # top-20 (default): seen 2e-4 to 0.06 nats as the policy moves
     print({k: v for k, v in last.items() if k.startswith(("rollout_entropy", "sampling/", "canon/"))})
 
 
@@ -230,9 +231,9 @@ def test_grpo_server_two_steps_feeds_canon(vllm_server: int, untied_model_path: 
     out = tmp_path / "server"
     train(load_recipe(REPO / "recipes/tiny/canon.yaml", [
         *FAST, "vllm_mode=server", f"vllm_server_base_url=http://127.0.0.1:{vllm_server}", f"output_dir={out}",
-        f"model.name_or_path={untied_model_path}",
+        f"model.name_or_path={untied_model_path}", "vllm_entropy_topk=-1",
     ]))
-    last = check_run(out)
+    last = check_run(out, max_gap=1e-3)  # the whole vocabulary: the estimate is the exact entropy
     print({k: v for k, v in last.items() if k.startswith(("rollout_entropy", "sampling/", "canon/"))})
 
 
