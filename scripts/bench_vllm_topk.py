@@ -41,7 +41,7 @@ def main() -> None:
     from trl.generation.vllm_generation import extract_logprobs
     from vllm import LLM, SamplingParams
 
-    from rlvr_entropy.rollout_stats import topk_token_stats
+    from rlvr_entropy.rollout_stats import step_entropy_and_logprobs, topk_token_stats
     from rlvr_entropy.tasks import make_dataset
 
     model_path = args.model
@@ -88,9 +88,8 @@ def main() -> None:
                 prompt = prompts[row // args.generations]
                 ids = torch.tensor([prompt + completion], device=device)
                 with torch.no_grad():
-                    logits = hf(ids).logits[0, len(prompt) - 1 : -1].float() / args.temperature
-                lp = torch.log_softmax(logits, -1)
-                ent.append(-(lp.exp() * lp).sum(-1).cpu())
+                    logits = hf(ids).logits[0, len(prompt) - 1 : -1]  # (T, V)
+                ent.append(step_entropy_and_logprobs(logits, args.temperature)[0].cpu())
                 est.append(entropy[row])
             e, x = torch.cat(est), torch.cat(ent)
             gaps[k].append(float((x - e).abs().mean()))

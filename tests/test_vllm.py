@@ -28,7 +28,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from rlvr_entropy.config import load_recipe  # noqa: E402
-from rlvr_entropy.rollout_stats import topk_token_stats  # noqa: E402
+from rlvr_entropy.rollout_stats import step_entropy_and_logprobs, topk_token_stats  # noqa: E402
 from rlvr_entropy.runner import train  # noqa: E402
 from rlvr_entropy.vllm_backend import TopKTap  # noqa: E402
 
@@ -88,9 +88,9 @@ def exact(model_path: Path, prompt_ids: list[list[int]], completions: list[list[
         prompt = prompt_ids[row // 4]
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / TEMPERATURE  # (T, V)
-        lp = torch.log_softmax(logits, dim=-1)
-        entropies.append(-(lp.exp() * lp).sum(-1))
+            logits = model(ids).logits[0, len(prompt) - 1 : -1]  # (T, V)
+        entropy, lp = step_entropy_and_logprobs(logits, TEMPERATURE)  # (T,), (T, V)
+        entropies.append(entropy)
         logps.append(lp.gather(1, torch.tensor(completion).unsqueeze(1)).squeeze(1))
     return entropies, logps
 
