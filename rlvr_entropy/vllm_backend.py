@@ -181,8 +181,10 @@ def _sync_colocated(generation: Any) -> None:
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
-    weights = [(name, param.detach()) for name, param in generation._iter_named_params()]
-    runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+    # Consumed one tensor at a time while TRL's iterator holds it (gathered, under ZeRO-3/FSDP): a list
+    # built first would keep every parameter alive at once, and sharded ones already released.
+    weights = ((name, param.detach()) for name, param in generation._iter_named_params())
+    runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
     # The CPU backend keeps a packed copy of every embedding-shaped weight for its logits GEMM, rebuilt
     # only for layers that received a tensor: a tied LM head receives none (its name is skipped when
     # the checkpoint ties it), so it would keep projecting with the old embedding. Repack them all.
@@ -196,9 +198,13 @@ def _sync_colocated(generation: Any) -> None:
 def _sync_server(generation: Any) -> None:
     from safetensors.torch import save_file
 
-    weights = {name: param.detach().contiguous() for name, param in generation._iter_named_params()}  # collective
+    params = generation._iter_named_params()  # gathering is collective: every process walks it
     if not generation.accelerator.is_main_process:
+        for _ in params:
+            pass
         return
+    # Copied while gathered: TRL's iterator releases a sharded parameter once it moves on.
+    weights = {name: param.detach().clone().contiguous() for name, param in params}
     client = generation.vllm_client
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     folder = tempfile.mkdtemp(prefix="rlvr_entropy_sync_", dir=root)
