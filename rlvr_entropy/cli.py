@@ -1,4 +1,4 @@
-"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods, plot and analyse runs, evaluate.
+"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods and recipes, plot and analyse runs, evaluate.
 
 Works the same under ``torchrun`` / ``accelerate launch``: ``torchrun --nproc_per_node 2 -m rlvr_entropy
 train RECIPE.yaml``.
@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+# Where `rlvr-entropy recipes` looks: the checkout this package runs from, then the working directory.
+RECIPE_ROOTS = (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -40,6 +44,29 @@ def _methods(args: argparse.Namespace) -> int:
     print(f"{'name':<{width}}  {'hooks':<{hooks_width}}  description")
     for name, hooks, summary in rows:
         print(f"{name:<{width}}  {hooks:<{hooks_width}}  {summary}")
+    return 0
+
+
+def recipe_summaries(root: Path) -> list[tuple[str, str]]:
+    """``(path relative to root, first line of its header comment)`` for every ``*.yaml`` under ``root``."""
+    rows = []
+    for path in sorted(root.rglob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        summary = first[0].lstrip("#").strip() if first and first[0].startswith("#") else "(no header comment)"
+        rows.append((str(path.relative_to(root)), summary))
+    return rows
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    root = Path(args.root) if args.root else next((p for p in RECIPE_ROOTS if p.is_dir()), RECIPE_ROOTS[-1])
+    rows = recipe_summaries(root) if root.is_dir() else []
+    if not rows:
+        print(f"rlvr-entropy: error: no recipes under {root}", file=sys.stderr)
+        return 2
+    width = max(len(path) for path, _ in rows)
+    print(f"recipes in {root}:")
+    for path, summary in rows:
+        print(f"  {path:<{width}}  {summary}")
     return 0
 
 
@@ -117,8 +144,8 @@ def _covariance(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rlvr_entropy.runner import resolve_model
     from rlvr_entropy.config import ModelSpec
+    from rlvr_entropy.runner import resolve_model
     from rlvr_entropy.tiny import evaluate_accuracy
 
     model = resolve_model(ModelSpec(name_or_path=args.model), args.task)  # tiny: the model warm-started on --task
@@ -141,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_config)
     p = sub.add_parser("methods", help="list the registered methods and the hooks each uses")
     p.set_defaults(func=_methods)
+    p = sub.add_parser("recipes", help="list the shipped recipes with what each is for")
+    p.add_argument("root", nargs="?", default=None, help="folder to list (default: recipes/ of this checkout, else of the working directory)")
+    p.set_defaults(func=_recipes)
     p = sub.add_parser("plot", help="plot entropy, reward, length and method-statistic curves of one or more runs")
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", default="curves.png")

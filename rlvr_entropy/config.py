@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +31,8 @@ import yaml
 from trl import GRPOConfig
 
 from rlvr_entropy.losses import LOSS_TYPES
-from rlvr_entropy.methods.base import MethodConfigError, coerce
-from rlvr_entropy.methods.pipeline import Pipeline
+from rlvr_entropy.methods import METHODS, Method, MethodConfigError, Pipeline
 from rlvr_entropy.registry import closest
-
 
 # Closed sets of values for options that TRL itself validates only mid-run (and this package's own).
 CHOICES: dict[str, tuple] = {
@@ -186,7 +186,7 @@ class EntropyGRPOConfig(GRPOConfig):
             raise ValueError("think_marker must be non-empty text (the end of the thinking phase, e.g. '</think>')")
         # Build the methods once here so that a bad entry fails before TRL does any work, and so that
         # methods exposing TRL features can set TRL fields before GRPOConfig validates them.
-        pipeline = Pipeline.from_config(self.methods)
+        pipeline = build_pipeline(self.methods)
         pipeline.configure(self)
         super().__post_init__()
         if self.save_strategy == "steps" and not self.save_steps > 0:
@@ -356,3 +356,112 @@ def recipe_to_yaml(recipe: Recipe) -> str:
         **{k: v for k, v in train.items() if k != "methods"},
     }
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# YAML typing, and methods from recipe entries
+
+
+def coerce(value: Any, annotation: Any, where: str, error: type[Exception] = ValueError) -> Any:
+    """Check ``value`` against a type annotation, widening int to float; raise ``error`` naming ``where``.
+
+    Handles the annotations recipes use: bool, int, float, str, Literal, Optional/Union, list, dict.
+    """
+    origin = typing.get_origin(annotation)
+    if annotation is Any or annotation is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where, error)
+            except error:  # type: ignore[misc]
+                pass
+        raise error(f"{where}: {value!r} does not match {_type_name(annotation)}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise error(f"{where}: {value!r} is not one of {list(choices)}.{closest(str(value), [str(c) for c in choices])}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise error(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        return [coerce(v, item_type, f"{where}[{i}]", error) for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise error(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string: accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                raise error(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise error(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise error(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise error(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise error(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def build_method(entry: dict[str, Any]) -> Method:
+    """One method from a recipe entry ``{name: <registry key or import path>, <param>: <value>, ...}``.
+
+    Parameter names and types are checked against the method's dataclass fields before it is built;
+    its own ``validate`` then checks ranges. Every problem is a :class:`MethodConfigError`.
+    """
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise MethodConfigError(f"each entry of `methods` needs a `name` key, got {entry!r}")
+    params = dict(entry)
+    name = params.pop("name")
+    try:
+        cls = METHODS.get(name)
+    except ValueError as err:
+        raise MethodConfigError(str(err)) from err
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise MethodConfigError(f"'{name}' is not a Method subclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    hints = typing.get_type_hints(cls) if fields else {}
+    kwargs = {}
+    for key, value in params.items():
+        if key not in fields:
+            raise MethodConfigError(
+                f"method '{cls.name}' has no parameter '{key}'.{closest(key, list(fields))} "
+                f"Valid parameters: {', '.join(fields) or '(none)'}"
+            )
+        kwargs[key] = coerce(value, hints[key], f"{cls.name}.{key}", MethodConfigError)
+    try:
+        return cls(**kwargs)
+    except MethodConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise MethodConfigError(f"method '{cls.name}': {err}") from err
+
+
+def build_pipeline(entries: list[dict[str, Any]] | None) -> Pipeline:
+    """The recipe's ``methods`` list as a :class:`Pipeline`, composed in list order."""
+    return Pipeline(build_method(e) for e in entries or [])

@@ -1,8 +1,9 @@
-"""A name -> object registry with a duplicate guard and helpful lookup errors.
+"""Names in YAML -> objects: one registry class and one importer for every ``pkg.module:attr`` lookup.
 
-Used for entropy-control methods (``rlvr_entropy.methods.METHODS``). Registry keys are the
-snake_case file names of the methods; there are no hyphenated aliases, so one spelling works
-everywhere (YAML, CLI, logs).
+Used for entropy-control methods (``rlvr_entropy.methods.METHODS``) and reward functions
+(``rlvr_entropy.tasks.rewards.REWARDS``); ``import_object`` also resolves the answer extractor.
+Registry keys are the snake_case file or function names; there are no hyphenated aliases, so one
+spelling works everywhere (YAML, CLI, logs).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -21,13 +22,30 @@ def closest(name: str, choices: list[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` reads as an import path rather than a registry key."""
+    return "." in name or ":" in name
+
+
+def import_object(path: str, kind: str = "object") -> Any:
+    """Import ``"pkg.module:attr"`` or ``"pkg.module.attr"``; a ValueError naming ``kind`` if that fails."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"cannot import {kind} '{path}': expected 'pkg.module:name' or 'pkg.module.name'")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {kind} '{path}': {err}") from err
+
+
 class Registry(Generic[T]):
     """Maps names to objects registered with the :meth:`register` decorator.
 
     Registering a different object under a taken name raises (registering the same object twice
-    is a no-op, so re-importing a module is harmless). A name containing a dot is imported as
-    ``package.module.Object`` (or ``package.module:Object``), so out-of-tree methods need no edit
-    here.
+    is a no-op, so re-importing a module is harmless). A name containing a dot or a colon is
+    imported (:func:`import_object`), so out-of-tree objects need no edit here.
     """
 
     def __init__(self, kind: str) -> None:
@@ -49,15 +67,12 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name in self._items:
             return self._items[name]
-        if "." in name or ":" in name:
-            module_name, _, attr = name.replace(":", ".").rpartition(".")
-            try:
-                return getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as err:
-                raise ValueError(f"cannot import {self.kind} '{name}': {err}") from err
+        if is_import_path(name):
+            return import_object(name, self.kind)
         valid = sorted(self._items)
         raise ValueError(
-            f"unknown {self.kind} '{name}'.{closest(name, valid)} Valid names: {', '.join(valid) or '(none)'}"
+            f"unknown {self.kind} '{name}'.{closest(name, valid)} Valid names: {', '.join(valid) or '(none)'}, "
+            "or an import path 'pkg.module:name'"
         )
 
     def names(self) -> list[str]:

@@ -14,6 +14,9 @@ Three sources produce the same per-token numbers:
   continuous batching, tool loops or a custom ``rollout_func``). When TRL already runs its old-logp
   forward for the batch, that pass is reused.
 
+Which source a run uses is :func:`resolve_source`'s answer; the trainer (``trainer.py``, steps 1-2 of
+its hook order) wires the chosen one into TRL's generation.
+
 Both describe the temperature-scaled distribution ``softmax(logits / T_train)`` over the full
 vocabulary, i.e. the same distribution the training pass scores; sampling-time truncation (top-p,
 top-k, min-p) is not applied, so with truncation on this is the entropy of the policy being trained,
@@ -27,10 +30,33 @@ import itertools
 import math
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+SOURCES = ("generate", "vllm", "forward")
+
+
+def resolve_source(requested: str, hf_generate: bool, vllm: bool) -> str:
+    """The statistics source for ``rollout_stats_source: requested`` ("auto" or one of :data:`SOURCES`).
+
+    ``hf_generate``: TRL generates with plain HF ``generate`` (no vLLM, continuous batching, custom
+    ``rollout_func`` or tools); ``vllm``: with vLLM (no ``rollout_func`` or tools).
+    """
+    if requested == "generate" and not hf_generate:
+        raise ValueError(
+            "rollout_stats_source='generate' needs plain HF generation (no vLLM, continuous batching, "
+            "rollout_func or tools); use 'forward' or 'auto'"
+        )
+    if requested == "vllm" and not vllm:
+        raise ValueError(
+            "rollout_stats_source='vllm' needs use_vllm (without rollout_func or tools); use 'forward' or 'auto'"
+        )
+    if requested == "auto":
+        return "generate" if hf_generate else "vllm" if vllm else "forward"
+    return requested
 
 
 def step_entropy_and_logprobs(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -183,26 +209,6 @@ def pad_rows(rows: Sequence[Tensor], width: int, value: float = 0.0) -> Tensor:
     return out
 
 
-def masked_quantiles(values: Tensor, mask: Tensor, qs: Sequence[float]) -> list[float]:
-    """Quantiles of ``values`` where ``mask`` is set (linear interpolation, as numpy's default).
-
-    Uses a sort instead of ``torch.quantile``, which refuses inputs above 16M elements.
-    """
-    flat = values.detach().float()[mask.bool()]
-    if flat.numel() == 0:
-        return [float("nan")] * len(qs)
-    flat, _ = torch.sort(flat)
-    n = flat.numel()
-    out = []
-    for q in qs:
-        pos = q * (n - 1)
-        lo = int(pos)
-        hi = min(lo + 1, n - 1)
-        frac = pos - lo
-        out.append(float(flat[lo] * (1 - frac) + flat[hi] * frac))
-    return out
-
-
 def find_marker(completion_ids: Tensor, mask: Tensor, marker: Sequence[int]) -> Tensor:
     """Start index of the first occurrence of the token sequence ``marker`` in each row, -1 if absent.
 
@@ -222,3 +228,51 @@ def find_marker(completion_ids: Tensor, mask: Tensor, marker: Sequence[int]) -> 
     hit = (windows == target).all(dim=-1) & valid  # (N, T-k+1)
     first = hit.int().argmax(dim=1)
     return torch.where(hit.any(dim=1), first, torch.full_like(first, -1))
+
+
+def encode_marker(tokenizer: Any, marker: str, users: str) -> list[int]:
+    """The token ids of the thinking-end marker; a ValueError naming ``users`` (the methods that need the
+    ``phases`` statistic) and what to change when this tokenizer cannot encode it faithfully."""
+    ids = tokenizer.encode(marker, add_special_tokens=False)
+    unk = tokenizer.unk_token_id
+    decoded = tokenizer.decode(ids) if ids else ""
+    if not ids or (unk is not None and unk in ids) or "".join(decoded.split()) != "".join(marker.split()):
+        shown = "encodes to no tokens" if not ids else f"encodes to {ids}, which decodes to {decoded!r}"
+        raise ValueError(
+            f"think_marker {marker!r} {shown} with this tokenizer, so {users} cannot find where thinking ends. "
+            "Set think_marker to the text the model writes at the end of its thinking, made of characters the "
+            "tokenizer knows (e.g. '</think>')"
+        )
+    return ids
+
+
+def completion_grid(
+    completion_ids: Sequence[Sequence[int]], pad_token_id: int, tool_mask: Sequence[Sequence[int]] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Ragged completions as right-padded ids (B, T) long and a mask (B, T) float32 of the tokens that count
+    (times the tool mask, when tools inserted tokens the policy did not sample); T >= 1."""
+    lengths = [len(c) for c in completion_ids]
+    width = max(1, max(lengths, default=0))
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()  # (B, T)
+    if tool_mask is not None:
+        mask = mask * pad_rows([torch.tensor(m) for m in tool_mask], width)
+    ids = torch.full((len(lengths), width), pad_token_id, dtype=torch.long)
+    for i, c in enumerate(completion_ids):  # one copy per row
+        ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    return ids, mask
+
+
+def forward_inputs(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[Tensor, Tensor, int]:
+    """Inputs of a forward pass over finished rollouts, laid out as TRL lays out its own: prompts left-padded,
+    completions right-padded. Returns ids (B, P + C), attention mask (B, P + C) and C (logits to keep)."""
+    p_len = max(len(p) for p in prompt_ids)
+    c_len = max(1, max(len(c) for c in completion_ids))
+    ids = torch.full((len(prompt_ids), p_len + c_len), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):  # one copy per row
+        ids[i, p_len - len(p) : p_len] = torch.tensor(p, dtype=torch.long)
+        attn[i, p_len - len(p) : p_len + len(c)] = 1
+        ids[i, p_len : p_len + len(c)] = torch.tensor(c, dtype=torch.long)
+    return ids, attn, c_len

@@ -16,8 +16,9 @@ How one TRL reward call (one function, this process's completions) runs:
    ``RETRY_BUDGET * timeout`` seconds in all; completions it does not reach count as timeouts. So a
    hung group of samples costs about ``2 * timeout`` of wall time, and a function that hangs on
    everything at most ``(1 + RETRY_BUDGET) * timeout`` per call, instead of freezing the run.
-3. Breaking the reward contract (a wrong number of values, a value that is not a number or None) is a
-   bug in the function, not a bad sample: :class:`RewardContractError` is raised.
+3. Results go through the one check of the reward contract (``reward_contract.py``): breaking it (a
+   wrong number of values, a value that is not a number or None) is a bug in the function, not a bad
+   sample, and :class:`RewardContractError` is raised.
 
 Modes (``reward_sandbox``), and the trade-off between them:
 
@@ -34,7 +35,8 @@ Modes (``reward_sandbox``), and the trade-off between them:
   running, holding its CPU (and any memory it grows), until it returns on its own; a call stuck in C
   code that holds the GIL (a huge integer power, a regex catastrophe) stalls the whole trainer and
   cannot be timed out at all.
-- ``none``: TRL's direct call, no limit; an exception in a reward function stops the run.
+- ``none``: a direct call, no limit; an exception in a reward function stops the run. Its results are
+  checked all the same (``reward_contract.CheckedReward``).
 
 In both sandboxed modes ``log_metric``/``log_extra`` calls made by the function are recorded in the
 worker and replayed in the trainer after the call returns (an abandoned call never logs).
@@ -57,7 +59,14 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rlvr_entropy.config import RecipeError
+from rlvr_entropy.reward_contract import (
+    CheckedReward,
+    RewardContractError,
+    RewardStats,
+    check_output,
+    drop_nonfinite,
+    function_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +76,6 @@ RETRY_WORKERS = 4  # workers that score completions side by side in the one-by-o
 STARTUP_TIMEOUT = 120.0  # seconds a new worker process may take to start (not counted in any call's deadline)
 # Keyword arguments TRL passes that are callbacks into the trainer: recorded in the worker, replayed here.
 _LOG_CALLBACKS = ("log_metric", "log_extra")
-
-
-class RewardContractError(RecipeError):
-    """A reward function broke its contract (wrong number or type of values): a bug, raised, never skipped."""
 
 
 class CallTimeout(Exception):
@@ -88,19 +93,6 @@ class CallFailed(Exception):
         super().__init__(f"{type(remote).__name__}: {remote}")
         self.remote = remote
         self.trace = trace
-
-
-@dataclasses.dataclass
-class SandboxStats:
-    """Samples left without a reward since the trainer last drained the counts (this process only)."""
-
-    errors: int = 0
-    timeouts: int = 0
-
-    def drain(self) -> tuple[int, int]:
-        out = (self.errors, self.timeouts)
-        self.errors = self.timeouts = 0
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,15 +301,15 @@ class SandboxedReward:
     """
 
     def __init__(self, func: Callable[..., Any], timeout: float, mode: str = "process",
-                 stats: SandboxStats | None = None, name: str | None = None) -> None:
+                 stats: RewardStats | None = None, name: str | None = None) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"reward sandbox mode must be 'process' or 'thread', got {mode!r}")
         if not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"reward_timeout must be a positive number of seconds, got {timeout!r}")
         self.func = func
-        self.__name__ = name or getattr(func, "__name__", type(func).__name__)
+        self.__name__ = name or function_name(func)
         self.timeout = float(timeout)
-        self.stats = stats if stats is not None else SandboxStats()
+        self.stats = stats if stats is not None else RewardStats()
         if mode == "process":
             why = picklable(func)
             if why is not None:
@@ -395,9 +387,9 @@ class SandboxedReward:
             logger.warning("reward function '%s': the batch call %s; scoring its %d completions one by one",
                            self.__name__, "timed out" if isinstance(err, CallTimeout) else f"raised {err}", n)
             return self._per_sample(call_kwargs, n, callbacks)
-        values = self._check(out, n)
+        values = check_output(out, n, self.__name__)
         self._replay(records, callbacks)
-        return self._finite(values)
+        return drop_nonfinite(values, self.__name__, self.stats)
 
     def _per_sample(self, kwargs: dict[str, Any], n: int, callbacks: dict[str, Callable]) -> list[float | None]:
         """Score each completion on its own, on up to RETRY_WORKERS workers at once, within the retry budget.
@@ -457,7 +449,7 @@ class SandboxedReward:
                 values.append(None)
                 continue
             out, records = result[1]
-            values.append(self._check(out, 1)[0])
+            values.append(check_output(out, 1, self.__name__)[0])
             for kind, key, value in records:
                 if kind == "log_extra":
                     column = extra.setdefault(key, [None] * n)
@@ -484,30 +476,7 @@ class SandboxedReward:
                 self._reported_error = True
                 message += f"; first error: {first_error}\n{first_error.trace}"
             logger.warning(message)
-        return self._finite(values)
-
-    def _check(self, out: Any, n: int) -> list[float | None]:
-        if not isinstance(out, list | tuple):
-            raise RewardContractError(
-                f"reward function '{self.__name__}' returned {type(out).__name__}, expected a list of floats")
-        if len(out) != n:
-            raise RewardContractError(
-                f"reward function '{self.__name__}' returned {len(out)} values for {n} completions; "
-                "it must return one float (or None) per completion")
-        bad = [v for v in out if v is not None and not isinstance(v, int | float)]
-        if bad:
-            raise RewardContractError(
-                f"reward function '{self.__name__}' returned non-numeric values such as {bad[0]!r}")
-        return list(out)
-
-    def _finite(self, values: list[float | None]) -> list[float | None]:
-        bad = {i for i, v in enumerate(values) if v is not None and not math.isfinite(v)}
-        if bad:
-            self.stats.errors += len(bad)
-            logger.warning("reward function '%s' returned %d non-finite value(s) (e.g. %r): those samples get no "
-                           "reward", self.__name__, len(bad), values[min(bad)])
-            values = [None if i in bad else v for i, v in enumerate(values)]
-        return values
+        return drop_nonfinite(values, self.__name__, self.stats)
 
     @staticmethod
     def _replay(records: list, callbacks: dict[str, Callable]) -> None:
@@ -516,12 +485,13 @@ class SandboxedReward:
                 callbacks[kind](key, value)
 
 
-def sandboxed(func: Callable[..., Any], timeout: float | None, mode: str, stats: SandboxStats) -> Callable[..., Any]:
-    """``func`` under the sandbox, or ``func`` itself for mode ``none`` / no timeout / async functions."""
+def sandboxed(func: Callable[..., Any], timeout: float | None, mode: str, stats: RewardStats) -> Callable[..., Any]:
+    """``func`` under the sandbox; a direct but checked call for mode ``none`` or no timeout; async functions
+    as they are (TRL awaits them on its own event loop and checks their results)."""
     import inspect
 
-    if mode == "none" or timeout is None:
-        return func
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)):
-        return func  # TRL awaits these on its own event loop
+        return func
+    if mode == "none" or timeout is None:
+        return CheckedReward(func, stats)
     return SandboxedReward(func, timeout, mode, stats)

@@ -1,4 +1,5 @@
-"""Small masked tensor statistics shared by the methods and the trainer (float32, padding ignored)."""
+"""Small tensor helpers shared by the methods and the trainer: masked statistics (float32, padding
+ignored), TRL's group advantages, and a process-independent seed hash."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 def per_token(advantages: Tensor, like: Tensor) -> Tensor:
     """(B,) per-sample advantages broadcast to ``like``'s (B, T); (B, T) advantages pass through."""
     return advantages.unsqueeze(1).expand_as(like) if advantages.dim() == 1 else advantages
+
+
+def fit_width(x: Tensor, width: int) -> Tensor:
+    """``x`` (B, T', ...) cut or right-padded with zeros along dim 1 to (B, width, ...)."""
+    x = x[:, :width]
+    if x.size(1) == width:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.size(1)]
+    return torch.nn.functional.pad(x, pad)
 
 
 def centered_product(adv: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
@@ -50,3 +60,12 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "grou
     if std is not None:
         advantages = advantages / (std + 1e-4)
     return torch.nan_to_num(advantages, nan=0.0)
+
+
+def stable_hash(key: tuple[int, ...]) -> int:
+    """FNV-1a over the integers of ``key``: a seed that never depends on the interpreter or the process."""
+    h = 1469598103934665603
+    for part in key:
+        for byte in int(part).to_bytes(8, "little", signed=True):
+            h = ((h ^ byte) * 1099511628211) % (1 << 64)
+    return h % (1 << 63)

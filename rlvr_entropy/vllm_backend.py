@@ -39,6 +39,9 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+from accelerate.utils import broadcast_object_list
+
 from rlvr_entropy.rollout_stats import topk_token_stats
 
 logger = logging.getLogger(__name__)
@@ -120,6 +123,26 @@ def engine_overrides(max_logprobs: int | None, cpu_dtype: str | None, skip_commu
         vc.VLLMClient.init_communicator = real_init_communicator
 
 
+@contextlib.contextmanager
+def building_engine(args: Any) -> Iterator[bool]:
+    """Around TRL's ``GRPOTrainer.__init__``: the engine settings :func:`engine_overrides` adds for this run's
+    config (``args``). Yields whether vLLM runs on its CPU backend (False without ``use_vllm``)."""
+    if not args.use_vllm:
+        yield False
+        return
+    on_cpu = vllm_platform_is_cpu()
+    if on_cpu and args.vllm_mode == "colocate":
+        cpu_kv_cache_default()
+    topk = args.rollout_stats_source in ("auto", "vllm")
+    cpu_trainer = args.use_cpu or not torch.cuda.is_available()
+    with engine_overrides(
+        max_logprobs=engine_max_logprobs(args.vllm_entropy_topk) if topk else None,
+        cpu_dtype=("bfloat16" if args.bf16 else "float32") if on_cpu else None,
+        skip_communicator=args.vllm_mode == "server" and cpu_trainer,
+    ):
+        yield on_cpu
+
+
 def cpu_kv_cache_default(gib: int = 1) -> None:
     """Colocated engine on the CPU backend: a small KV cache unless the user sized it."""
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -159,6 +182,39 @@ def server_problem(generation: Any, k: int, temperature: float) -> str | None:
             f"--max-logprobs {k} (trl vllm-serve uses -1), or lower vllm_entropy_topk"
         )
     return None
+
+
+def request_topk(generation: Any, k: int, vocab_size: int, temperature: float) -> None:
+    """Make ``generation`` (TRL's ``VLLMGeneration``) ask for the top ``k`` log-probs of every token (-1: all).
+
+    In server mode the main process first asks the server whether it can answer, and its answer is
+    broadcast, so every process stops together with the same message.
+    """
+    if k == -1 and generation.mode == "server":
+        # The server's OpenAI endpoint answers logprobs=-1 with the sampled token alone (measured): ask for
+        # the whole vocabulary by its size instead.
+        k = vocab_size
+    generation.logprobs = k  # TRL asks for 0 (the sampled token only)
+    if generation.mode == "server":
+        problem = [server_problem(generation, k, temperature)]
+        broadcast_object_list(problem, from_process=0)  # only the main process asks the server
+        if problem[0] is not None:
+            raise ValueError(problem[0])
+
+
+@contextlib.contextmanager
+def topk_tap(generation: Any, training_temperature: float) -> Iterator[TopKTap]:
+    """For one generate call: a :class:`TopKTap` in front of ``generation.generate``, removed afterwards.
+
+    vLLM's processed log-probs are at the sampling temperature; the statistics must describe the training
+    temperature, so a call sampling hotter or colder keeps none (the trainer then runs a forward pass).
+    """
+    tap = TopKTap(generation.generate, consistent=generation.temperature == training_temperature)
+    generation.generate = tap
+    try:
+        yield tap
+    finally:
+        del generation.generate  # the instance attribute: the class's method shows through again
 
 
 def install_cpu_weight_sync(generation: Any) -> None:

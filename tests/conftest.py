@@ -1,4 +1,9 @@
-"""Shared pytest setup: offline, single-threaded CPU runs and the cached tiny model."""
+"""Shared pytest setup: offline, single-threaded CPU runs, the cached tiny model, and the e2e marker.
+
+A test is end to end (``e2e``) when it builds a trainer or launches a run. Tests that take a model on disk
+(``model_dir``, ``tiny_model_path``) are marked automatically; any other test that builds a trainer must say
+so with ``@pytest.mark.e2e``, or it fails: ``pytest -m "not e2e"`` is then the fast unit loop, trustworthy.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_FIXTURES = {"model_dir", "tiny_model_path"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_build_no_trainer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked e2e that builds a trainer (HF's Trainer: GRPO, or the tiny model's SFT) fails."""
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+    from transformers import Trainer
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} builds a trainer: mark it @pytest.mark.e2e")
+
+    monkeypatch.setattr(Trainer, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +61,6 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny model + tokenizer on disk (no warm start): for trainer mechanics tests."""
-    from trainer_utils import save_random_model
+    from helpers.trainers import save_random_model
 
     return save_random_model(tmp_path_factory.mktemp("random_model"))

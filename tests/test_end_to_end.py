@@ -185,7 +185,7 @@ def needs_difficulty(prompts, completions, difficulty, **kwargs):
 
 def test_local_dataset_file_with_renamed_columns(tmp_path):
     from rlvr_entropy.config import DataSpec
-    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.data import load_data
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"question": "1+2=", "solution": "3"}\n{"question": "5-1=", "solution": "4"}\n')
@@ -195,7 +195,7 @@ def test_local_dataset_file_with_renamed_columns(tmp_path):
 
 def test_dataset_problems_are_reported(tmp_path):
     from rlvr_entropy.config import DataSpec, RecipeError
-    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.data import load_data
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"question": "1+2=", "solution": "3"}\n')
@@ -209,7 +209,8 @@ def test_dataset_problems_are_reported(tmp_path):
 
 def test_missing_answer_column_is_reported(tmp_path):
     from rlvr_entropy.config import DataSpec, RecipeError
-    from rlvr_entropy.runner import load_data, reward_functions
+    from rlvr_entropy.data import load_data
+    from rlvr_entropy.runner import reward_functions
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "1+2="}\n')
@@ -219,7 +220,7 @@ def test_missing_answer_column_is_reported(tmp_path):
 
 def test_nested_answer_column_and_dapo_answer_line(tmp_path):
     from rlvr_entropy.config import DataSpec
-    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.data import load_data
     from rlvr_entropy.tasks.rewards import correctness, extract_answer
 
     path = tmp_path / "dapo.jsonl"

@@ -7,20 +7,20 @@ with the method's name; parameters, optimizer state and method state stay as the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import torchrun, worker_env
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rlvr_entropy.config import load_recipe
+from rlvr_entropy.guards import StepGuard
 from rlvr_entropy.methods import Method, TokenTerms
-from rlvr_entropy.methods.pipeline import NonFiniteError
+from rlvr_entropy.methods.pipeline import NonFiniteError, NonFiniteEvent
 from rlvr_entropy.runner import build_trainer
 
 HERE = Path(__file__).parent
@@ -139,10 +139,8 @@ def test_on_nonfinite_raise_stops_with_the_method_name(tiny_model_path, tmp_path
 def test_processes_skip_together(tiny_model_path, tmp_path):
     """Only rank 1 sees an inf token weight: both ranks skip the step and keep identical parameters.
     The same run has a reward function that raises on some samples of every rank: the counts are summed."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE),
-           "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "multiproc_guard_worker.py"), str(RECIPE), str(tmp_path)]
+    cmd = torchrun("multiproc_guard_worker.py", RECIPE, tmp_path)
+    env = worker_env(cache=Path(tiny_model_path).parent)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -151,3 +149,80 @@ def test_processes_skip_together(tiny_model_path, tmp_path):
     assert r0["counters"] == r1["counters"]
     assert r0["counters"]["guard/skipped_steps"] == 1
     assert r0["counters"]["reward/errors"] == r0["expected_errors"] + r1["expected_errors"] > 0
+
+
+# ------------------------------------------------------------------------------ StepGuard, without a trainer
+
+
+def linear_with_grad(value: float) -> torch.nn.Linear:
+    layer = torch.nn.Linear(2, 1)
+    for p in layer.parameters():
+        p.grad = torch.full_like(p, value)
+    return layer
+
+
+def test_a_clean_step_is_taken():
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters)
+    restored = []
+    guard.open(lambda: restored.append(True))
+    guard.check_micro_batch([], False, torch.tensor(0.5), step=1, training=True)
+    layer = linear_with_grad(1.0)
+    assert guard.close(layer.parameters(), step=1) is False
+    assert all(p.grad is not None for p in layer.parameters()) and not restored
+    assert counters == {"guard/skipped_steps": 0} and not guard.is_open
+
+
+@pytest.mark.parametrize(("flag", "counter"), [
+    ("loss", "guard/nonfinite/loss"), ("grad", "guard/nonfinite/grad"), ("method", "guard/nonfinite/m"),
+    ("batch", None),
+])
+def test_any_non_finite_value_skips_the_step_and_restores(flag, counter):
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters)
+    restored = []
+    guard.open(lambda: restored.append(True))
+    events = [NonFiniteEvent("m", "token weight", 3)] if flag == "method" else []
+    loss = torch.tensor(float("nan") if flag == "loss" else 1.0)
+    guard.check_micro_batch(events, flag == "batch", loss, step=2, training=True)
+    layer = linear_with_grad(float("inf") if flag == "grad" else 1.0)
+    assert guard.close(layer.parameters(), step=2) is True
+    assert all(p.grad is None for p in layer.parameters())  # the optimizer will leave the parameters alone
+    assert restored == [True] and counters["guard/skipped_steps"] == 1
+    if counter is not None:
+        assert counters[counter] == (3 if flag == "method" else 1)
+
+
+def test_every_process_decides_together():
+    """This process saw nothing, another did: the all-reduced flag skips here too, and its counts arrive."""
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters, reduce_sum=lambda t: t + 1,
+                      gather_objects=lambda objs: [*objs, {"guard/nonfinite/loss": 1}])
+    guard.open()
+    guard.check_micro_batch([], False, torch.tensor(1.0), step=1, training=True)
+    assert guard.close(linear_with_grad(1.0).parameters(), step=1) is True
+    assert counters == {"guard/skipped_steps": 1, "guard/nonfinite/loss": 1}
+
+
+def test_raise_policy_raises_after_the_decision():
+    guard = StepGuard("raise", {})
+    guard.open()
+    guard.check_micro_batch([], False, torch.tensor(float("inf")), step=4, training=True)
+    with pytest.raises(NonFiniteError, match="step 4: TRL's loss is inf"):
+        guard.close(linear_with_grad(1.0).parameters(), step=4)
+    with pytest.raises(NonFiniteError, match="method 'm'"):
+        guard.check_generation([NonFiniteEvent("m", "advantage", 2)], step=5, training=True)
+
+
+def test_generation_events_mark_the_batch_in_training_only():
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters)
+    event = NonFiniteEvent("m", "advantage", 2)
+    assert guard.check_generation([], step=1, training=True) is False
+    assert guard.check_generation([event], step=1, training=True) is True
+    assert counters["guard/nonfinite/m"] == 2
+    assert guard.check_generation([event], step=1, training=False) is False  # evaluation: nothing to skip
+    assert counters["guard/nonfinite/m"] == 2
+    guard.open()
+    guard.check_micro_batch([event], True, torch.tensor(float("nan")), step=1, training=False)
+    assert guard.close([], step=1) is False  # nothing was flagged in evaluation

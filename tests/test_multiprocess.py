@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.processes import torchrun, worker_env
 
 HERE = Path(__file__).parent
 
@@ -16,10 +17,8 @@ HERE = Path(__file__).parent
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_groups_spanning_processes(model_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "multiproc_worker.py"), str(model_dir), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun("multiproc_worker.py", model_dir, tmp_path)
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
@@ -65,10 +64,8 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
 
 
 def run_scope_worker(model_dir, out_dir, method, world):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-           str(HERE / "multiproc_scope_worker.py"), str(model_dir), str(out_dir), json.dumps(method)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = torchrun("multiproc_scope_worker.py", model_dir, out_dir, json.dumps(method), nproc=world)
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads((out_dir / f"result{world}_{r}.json").read_text()) for r in range(world)]
     selected = sorted(tuple(p) for res in results for p in res["selected"])
@@ -144,7 +141,7 @@ def test_ares_running_state_is_the_same_on_every_process_and_process_count(model
 
 
 def build_state(mode):
-    from rlvr_entropy.methods import build_method
+    from rlvr_entropy.config import build_method
 
     return build_method({"name": "ares", "mode": mode, "kl": False}).state
 

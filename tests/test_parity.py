@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.trainers import cpu_args, generate, loss_and_grads, partial_credit, prompt_rows
 from transformers import AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer
-from trainer_utils import cpu_args, grads, prompt_rows
 
 from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
 from rlvr_entropy.losses import LOSS_TYPES
 from rlvr_entropy.tasks import make_dataset
 from rlvr_entropy.tasks.rewards import correctness
-
-
-def partial_credit(prompts, completions, **kwargs):
-    """A dense reward so every group has non-zero variance (random models rarely answer right)."""
-    return [float(len(c) % 3) + float(c.strip() == a) for c, a in zip(completions, kwargs["answer"], strict=True)]
 
 
 def make_pair(model_dir, tmp_path, **overrides):
@@ -41,18 +36,6 @@ def make_pair(model_dir, tmp_path, **overrides):
         trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
         trainers.append(trainer)
     return trainers
-
-
-def generate(trainer, rows):
-    set_seed(123)
-    return trainer._generate_and_score_completions([dict(r) for r in rows])
-
-
-def loss_and_grads(trainer, inputs):
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer._compute_loss(trainer.model, inputs)
-    loss.backward()
-    return loss.detach(), grads(trainer.model)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from rlvr_entropy.config import build_method
 from rlvr_entropy.methods import (
     LossBatch,
     Method,
@@ -15,7 +16,6 @@ from rlvr_entropy.methods import (
     RolloutBatch,
     RolloutContext,
     TokenTerms,
-    build_method,
 )
 
 
@@ -162,6 +162,19 @@ def test_state_is_keyed_by_name_and_round_trips():
     assert q.methods[0].state == {"calls": 2}
     with pytest.raises(ValueError, match="missing"):
         Pipeline([AddOne(), Bonus()]).load_state_dict(state)
+
+
+def test_snapshot_is_a_value_that_restore_returns_to():
+    p = Pipeline([AddOne(), Double()])
+    p.advantage(torch.zeros(4), rollout_batch())
+    snap = p.snapshot()
+    p.advantage(torch.zeros(4), rollout_batch())
+    p.methods[0].state["extra"] = [1]
+    assert snap == {"add_one": {"calls": 1}, "double": {}}  # later changes do not reach the snapshot
+    p.restore(snap)
+    assert p.state_dict() == snap
+    p.methods[0].state["calls"] += 5
+    assert snap["add_one"]["calls"] == 1  # nor does mutating the restored state
 
 
 def test_duplicate_methods_rejected():

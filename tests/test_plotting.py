@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.runs import law_rows, write_run
 from matplotlib.figure import Figure
-from test_analysis import law_rows, write_run
 
 from rlvr_entropy.analysis import fit_run_law, load_run, run_covariance_diagnostic
 from rlvr_entropy.cli import main

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlvr_entropy.cli import main
 from rlvr_entropy.config import RecipeError, load_recipe, recipe_to_yaml
 
 CPU = ["use_cpu=true", "bf16=false", "gradient_checkpointing=false"]
@@ -25,9 +26,24 @@ def test_recipe_loads(path):
     gpu = path.parent.name != "tiny"
     recipe = load_recipe(path, [*CPU, "use_vllm=false"] if gpu else [])
     assert recipe.rewards
-    text = path.read_text()
-    assert text.startswith("#"), "a recipe opens with a comment: what it is and how to run it"
+    first, second = path.read_text().splitlines()[:2]
+    # the first line says what the recipe is for (`rlvr-entropy recipes` lists it), the rest of the header how
+    assert first.startswith("# ") and first.endswith(".") and len(first) <= 110, first
+    assert second.startswith("#")
     assert "model:" in recipe_to_yaml(recipe)
+
+
+def test_recipes_command_lists_every_shipped_recipe_with_its_summary(capsys, tmp_path):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for path in RECIPES:
+        rel = str(path.relative_to(path.parents[1]))
+        summary = path.read_text().splitlines()[0].lstrip("# ")
+        assert any(rel in line and summary in line for line in out.splitlines()), rel
+    (tmp_path / "mine.yaml").write_text("# My experiment.\nmax_steps: 3\n")
+    assert main(["recipes", str(tmp_path)]) == 0
+    assert "mine.yaml  My experiment." in capsys.readouterr().out
+    assert main(["recipes", str(tmp_path / "none")]) == 2
 
 
 def test_overrides_reach_sections_and_lists(tmp_path):
@@ -121,7 +137,7 @@ def test_tiny_model_follows_the_recipe_task(monkeypatch):
 def test_pear_paper_recipe_reads_gsm8k(tmp_path):
     """The recipe's data spec on a local copy of GSM8K's layout: chat prompts, '####' references."""
     from rlvr_entropy.config import DataSpec
-    from rlvr_entropy.runner import load_data
+    from rlvr_entropy.data import load_data
     from rlvr_entropy.tasks import correctness
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "paper" / "pear_qwen3-4b.yaml", [*CPU, "use_vllm=false"])

@@ -12,18 +12,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import python, worker_env
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
 from trl.trainer.utils import RepeatSampler
 
+from rlvr_entropy.checkpointing import EpochRepeatSampler, publish_checkpoint
 from rlvr_entropy.config import load_recipe
-from rlvr_entropy.reliability import EpochRepeatSampler, publish_checkpoint, truncate_metrics
+from rlvr_entropy.metrics import truncate_metrics
 from rlvr_entropy.runner import train
 
 HERE = Path(__file__).parent
@@ -85,9 +86,8 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_model_path, tmp_path):
 def test_a_save_killed_halfway_leaves_the_last_checkpoint_usable(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     marker = tmp_path / "saving"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE),
-           "RLVR_ENTROPY_CACHE": str(Path(tiny_model_path).parent)}
-    proc = subprocess.Popen([sys.executable, str(HERE / "save_kill_worker.py"), str(RECIPE), str(out), str(marker)],
+    env = worker_env(cache=Path(tiny_model_path).parent)
+    proc = subprocess.Popen(python("save_kill_worker.py", RECIPE, out, marker),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from rlvr_entropy.config import RecipeError, load_recipe
-from rlvr_entropy.sandbox import RewardContractError, SandboxedReward, SandboxStats
+from rlvr_entropy.reward_contract import CheckedReward, RewardContractError, RewardStats, check_output, required_columns
+from rlvr_entropy.sandbox import SandboxedReward, sandboxed
+from rlvr_entropy.tasks.rewards import correctness
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "tiny" / "grpo.yaml"
 FOREVER = 3600.0  # seconds: longer than any test, so only the sandbox can end these calls
@@ -79,7 +81,7 @@ def call_from_thread(reward: SandboxedReward, **kwargs):
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
 def test_a_hung_and_a_raising_sample_lose_only_their_reward(mode):
-    stats = SandboxStats()
+    stats = RewardStats()
     reward = SandboxedReward(hang_or_raise, timeout=1.0, mode=mode, stats=stats)
     completions = ["fine", "hang", "boom", "also fine"]
     try:
@@ -95,7 +97,7 @@ def test_a_hung_and_a_raising_sample_lose_only_their_reward(mode):
 
 def test_process_sandbox_stops_a_call_that_holds_the_gil():
     """What a thread cannot do: C code holding the GIL is stopped by killing the worker process."""
-    stats = SandboxStats()
+    stats = RewardStats()
     reward = SandboxedReward(hold_the_gil, timeout=0.5, mode="process", stats=stats)
     reward._workers[0]._start()  # start-up (a fork server may start) does not count against the deadline
     start = time.monotonic()
@@ -122,10 +124,37 @@ def test_contract_violations_are_raised_not_skipped():
 
 
 def test_non_finite_values_count_as_errors():
-    stats = SandboxStats()
+    stats = RewardStats()
     reward = SandboxedReward(not_finite, timeout=5.0, mode="thread", stats=stats)
     assert reward(prompts=["p", "q"], completions=["inf", "x"]) == [None, 1.0]
     assert stats.errors == 1
+
+
+@pytest.mark.parametrize("mode", ["none", "thread", "process"])
+def test_one_contract_for_every_mode(mode):
+    """The direct call (``reward_sandbox: none`` or no timeout) checks what the sandbox checks."""
+    stats = RewardStats()
+    wrapped = sandboxed(wrong_length, 5.0, mode, stats)
+    try:
+        with pytest.raises(RewardContractError, match="reward function 'wrong_length' returned 1 values for 3"):
+            wrapped(prompts=["a", "b", "c"], completions=["a", "b", "c"])
+    finally:
+        getattr(wrapped, "close", lambda: None)()
+    direct = sandboxed(not_finite, None, mode, stats)
+    assert isinstance(direct, CheckedReward) and direct.__name__ == "not_finite"
+    assert direct(prompts=["p", "q"], completions=["inf", "x"]) == [None, 1.0]
+    assert stats.errors == 1
+    with pytest.raises(RewardContractError, match="non-numeric values such as 'x'"):
+        check_output([1.0, "x"], 2, "f")
+
+
+def test_required_columns_from_the_attribute_or_the_signature():
+    def reads_answer(prompts, completions, answer, completion_ids=None, **kwargs):
+        return [0.0] * len(prompts)
+
+    assert required_columns(reads_answer) == {"answer"}  # TRL's own keyword arguments are not columns
+    assert required_columns(correctness) == {"answer"}
+    assert required_columns(CheckedReward(correctness)) == {"answer"}  # the wrapper keeps the attribute
 
 
 def test_functions_that_cannot_be_pickled_run_in_a_thread(caplog):

@@ -7,14 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from test_parity import generate
-from test_trainer_hooks import build
-from trainer_utils import prompt_rows
+from helpers.trainers import build, generate, prompt_rows
 
 from rlvr_entropy.methods import Method
 from rlvr_entropy.rollout_stats import (
     find_marker,
-    masked_quantiles,
     pad_rows,
     step_entropy_and_logprobs,
     topk_entropy,
@@ -100,14 +97,6 @@ def test_step_entropy_handles_masked_logits():
     entropy, logp = step_entropy_and_logprobs(logits, 1.0)
     assert torch.allclose(entropy, torch.tensor([np.log(2), np.log(3)], dtype=torch.float32))
     assert torch.isfinite(entropy).all() and logp.shape == (2, 3)
-
-
-def test_masked_quantiles_match_numpy_and_ignore_padding():
-    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    expected = np.quantile([1, 2, 3, 4, 5], [0.1, 0.5, 0.9])
-    assert masked_quantiles(values, mask, (0.1, 0.5, 0.9)) == pytest.approx(expected.tolist())
-    assert all(np.isnan(masked_quantiles(values, torch.zeros_like(mask), (0.5,))))
 
 
 def test_find_marker_multi_token_first_occurrence():

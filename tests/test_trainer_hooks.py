@@ -9,14 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_parity import generate, loss_and_grads, partial_credit
-from transformers import AutoTokenizer, set_seed
-from trainer_utils import cpu_args, prompt_rows
+from helpers.trainers import build, generate, loss_and_grads, prompt_rows
 
-from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
 from rlvr_entropy.methods import Method, MethodConfigError, TokenTerms
-from rlvr_entropy.tasks import make_dataset
-from rlvr_entropy.tasks.rewards import correctness
 
 
 @dataclass
@@ -71,21 +66,6 @@ class LengthPenalty(Method):
     def reward(self, rewards, batch):
         assert batch.entropy is not None and batch.logps is not None
         return rewards - 0.1 * batch.lengths
-
-
-def build(model_dir, tmp_path, methods, **overrides):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    set_seed(0)
-    trainer = EntropyGRPOTrainer(
-        model=str(model_dir),
-        reward_funcs=[correctness, partial_credit],
-        args=EntropyGRPOConfig(**cpu_args(tmp_path, methods=methods, **overrides)),
-        train_dataset=make_dataset("arithmetic", 16, 0),
-        processing_class=tokenizer,
-    )
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    return trainer
 
 
 def path(cls):

@@ -10,8 +10,8 @@ import pytest
 
 from rlvr_entropy.cli import main
 from rlvr_entropy.config import RecipeError, load_recipe
+from rlvr_entropy.data import find_bad_rows
 from rlvr_entropy.methods import MethodConfigError
-from rlvr_entropy.reliability import find_bad_rows
 from rlvr_entropy.runner import build_trainer, train
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "tiny" / "grpo.yaml"

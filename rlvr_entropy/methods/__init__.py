@@ -1,7 +1,7 @@
 """Entropy-control methods, one file each, registered by name in ``METHODS``.
 
 Every method module is imported here explicitly (no auto-discovery), so the registry is complete as
-soon as the package is imported.
+soon as the package is imported. A recipe entry becomes a method in ``rlvr_entropy.config.build_method``.
 """
 
 from rlvr_entropy.methods import (  # noqa: F401  (imported to register them)
@@ -26,7 +26,6 @@ from rlvr_entropy.methods.base import (
     RolloutBatch,
     RolloutContext,
     TokenTerms,
-    build_method,
     register,
 )
 from rlvr_entropy.methods.pipeline import NonFiniteError, Pipeline
@@ -43,6 +42,5 @@ __all__ = [
     "RolloutBatch",
     "RolloutContext",
     "TokenTerms",
-    "build_method",
     "register",
 ]

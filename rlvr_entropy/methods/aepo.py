@@ -41,6 +41,8 @@ Deviations from the reference, and why:
 - When nothing passes the filter the injection is skipped (the reference crashes).
 The paper's additive ``alpha`` form would need completions outside the batch; ``injected_advantage``
 scales the reinforce term instead.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §7.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Reference: Chen et al. 2025, "ARES: Multimodal Adaptive Reasoning via Difficulty-Aware Token-Level
 Entropy Shaping", arXiv 2510.08457 (ICLR 2026); its RL stage is called "Adaptive Entropy Policy
 Optimization" (AEPO). Registered as ``ares`` so it is not confused with ``aepo`` (Arbitrary Entropy
-Policy Optimization, a different paper; the method notes call this one ``ares_hwe``). Code:
+Policy Optimization, a different paper; docs/methods.md §8). Code:
 shawn0728/ARES (``examples/reward_function/aepo.py::compute_score``,
 ``verl/workers/rollout/vllm_rollout_spmd.py``, ``verl/workers/actor/dp_actor.py``).
 
@@ -16,7 +16,7 @@ Shared by both modes, from the behaviour policy's token entropy ``H_t`` of each 
   with ``beta_d`` a per-difficulty coefficient adapted to hold the mean token KL of its bucket near
   ``kl_target`` and ``rho_t = kl_hwe_scale`` inside HWE windows, 1 elsewhere.
 
-``mode: paper`` (default; the paper's formulation, methods.md §8.2):
+``mode: paper`` (default; the paper's formulation, docs/methods.md §8.2):
 - window ``mean(H[t : t+w])`` over full windows; threshold ``tau`` = batch mean of each response's
   95th-percentile token entropy; ``N_HE`` = number of windows above ``tau``;
 - ``Delta = N_HE - target_d`` with ``target_d`` a running mean (EMA ``target_ema``) of the bucket's
@@ -26,7 +26,7 @@ Shared by both modes, from the behaviour policy's token entropy ``H_t`` of each 
 - ``R = R_acc - 1[wrong] * lambda_d * g_d(Delta)``: only wrong answers are penalised;
 - ``rho = 0.5`` inside HWE windows (value not given by the paper).
 
-``mode: code`` (the released code, methods.md §8.3):
+``mode: code`` (the released code, docs/methods.md §8.3):
 - window ``mean(H[t+1 : t+1+w])`` (after the token, partial windows at the end); per response the
   95th percentile of its window means; ``tau`` an EMA (0.99) of their batch median, initialised with
   the first batch's, and the previous batch's value is the one used (the first batch counts every
@@ -39,8 +39,9 @@ Shared by both modes, from the behaviour policy's token entropy ``H_t`` of each 
   margins and caps, see ``code_entropy_score``), added to the reward; ``rho = 1``.
 
 Deviations from the reference, and why:
-- Entropy is the exact full-vocabulary entropy read from generation (the reference uses vLLM's top-10
-  log-probs with a tail bucket, an approximation of the same quantity).
+- Entropy is the exact full-vocabulary entropy, read from generation or one forward pass (the reference
+  uses vLLM's top-10 log-probs with a tail bucket, an approximation of the same quantity; with vLLM rollouts
+  this project uses the same kind of top-k estimate, see ``vllm_backend.py``).
 - Trigger words are matched as token sequences of the *sampled* completion (case variants, with and
   without a leading space), so a tokenizer that splits a word still works; the reference compares the
   top-1 token of the top-10 list, which is not always the sampled one.
@@ -52,6 +53,8 @@ Deviations from the reference, and why:
 - The paper's extra rollout branches at HWE windows are not implemented (the released code has none).
 - The KL controller's details (relative error, dead zone, log-space step) follow the code's
   parameters as read; its update interval counts loss micro-batches, as the reference's does.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §8.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ CODE_WRONG = (0.6, 0.8, 1.0)  # share of the cap a wrong answer can earn
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pure arithmetic (tested against methods.md §8.7)
+# Pure arithmetic (tested against docs/methods.md §8.7)
 
 
 def window_means(entropy: Tensor, mask: Tensor, width: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -375,7 +378,7 @@ class Ares(Method):
 
     # -- KL per difficulty ----------------------------------------------------------------------------------
     def token_loss(self, batch: LossBatch) -> TokenTerms | None:
-        if not self.kl or batch.ref_logps is None or f"{batch._prefix}bucket" not in batch.carried:
+        if not self.kl or batch.ref_logps is None or not batch.has_carried("bucket"):
             return None
         bucket = batch.carried_value("bucket").long()  # (B,)
         relax = batch.carried_value("relax")  # (B, T)

@@ -4,7 +4,8 @@ A method is a small dataclass whose fields are its YAML parameters. Every hook i
 default; a method overrides the one or two it needs. :class:`Pipeline` chains the methods of a
 recipe in list order and is the only thing the trainer talks to, so the trainer never branches on
 a method's name. The order in which the trainer calls the hooks is written once, in
-``rlvr_entropy/trainer.py``.
+``rlvr_entropy/trainer.py``. Building a method from a recipe entry (names and YAML types of its
+parameters) is the recipe layer's job: ``rlvr_entropy.config.build_method``.
 
 Shapes: ``N`` = samples of the whole generation batch on all processes, ``B`` = samples of one
 loss micro-batch on this process, ``T`` = completion tokens (right-padded), ``K`` = reward
@@ -13,11 +14,8 @@ functions, ``G`` = generations per prompt.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor
 
 from rlvr_entropy.registry import Registry, closest
-from rlvr_entropy.tensor_ops import grpo_advantages
+from rlvr_entropy.tensor_ops import grpo_advantages, stable_hash
 
 #: Rollout statistics a method can declare in ``needs``; the trainer computes only the union.
 #: - ``entropy``: behaviour-policy token entropy at each completion position (N, T)
@@ -50,6 +48,27 @@ class MethodConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # What the hooks see
+
+
+class _MethodScope:
+    """Keys what a hook logs, tags or carries by the method it runs for: ``<method>/<name>``.
+
+    The pipeline enters ``scope(method.name)`` around each hook; a test calling a hook directly does too.
+    """
+
+    _prefix: str
+
+    @contextlib.contextmanager
+    def scope(self, method: str) -> Iterator[None]:
+        saved, self._prefix = self._prefix, f"{method}/"
+        try:
+            yield
+        finally:
+            self._prefix = saved
+
+    def key(self, name: str) -> str:
+        """``<method>/<name>`` for the method whose hook is running (``name`` alone outside any scope)."""
+        return f"{self._prefix}{name}"
 
 
 @dataclass
@@ -110,7 +129,7 @@ ScoreFn = Callable[[list[int], Rollout], Tensor]
 
 
 @dataclass
-class RolloutContext:
+class RolloutContext(_MethodScope):
     """What a rollout hook knows about the batch being generated (this process's rows only)."""
 
     prompt_ids: list[list[int]]  # one entry per row, prompts already repeated G times
@@ -123,11 +142,11 @@ class RolloutContext:
     num_processes: int = 1
     score: ScoreFn | None = None  # the trainer's reward functions, for hooks that filter what they sample
     metrics: dict[str, float] = field(default_factory=dict)
-    _prefix: str = ""
+    _prefix: str = field(default="", repr=False)
 
     def log(self, name: str, value: float) -> None:
         """Log ``<method>/<name>``; the value must already be global (equal on every process)."""
-        self.metrics[f"{self._prefix}{name}"] = float(value)
+        self.metrics[self.key(name)] = float(value)
 
     def global_rows(self) -> Tensor:
         """Index of each local row in the gathered batch, (B,) long; ``// group_size`` gives its group."""
@@ -138,11 +157,11 @@ class RolloutContext:
         """Attach a per-row value, (B,), that this method's reward/advantage hooks read with ``batch.tag(name)``."""
         if values.shape != (len(rollout),):
             raise ValueError(f"tag('{name}') needs one value per row ({len(rollout)}), got {tuple(values.shape)}")
-        rollout.tags[f"{self._prefix}{name}"] = values.detach().float().cpu()
+        rollout.tags[self.key(name)] = values.detach().float().cpu()
 
 
 @dataclass
-class RolloutBatch:
+class RolloutBatch(_MethodScope):
     """The whole generation batch, gathered from every process, as the reward and advantage hooks see it.
 
     Samples ``i`` with equal ``group_ids[i]`` answer the same prompt. Tensors are float32 on the
@@ -171,11 +190,11 @@ class RolloutBatch:
     tags: dict[str, Tensor] = field(default_factory=dict)  # (N,) each, from rollout hooks (``RolloutContext.tag``)
     metrics: dict[str, float] = field(default_factory=dict)
     carried: dict[str, Tensor] = field(default_factory=dict)
-    _prefix: str = ""
+    _prefix: str = field(default="", repr=False)
 
     def tag(self, name: str) -> Tensor:
         """What this method's rollout hook attached to each row with ``ctx.tag(rollout, name, ...)``, (N,)."""
-        key = f"{self._prefix}{name}"
+        key = self.key(name)
         if key not in self.tags:
             raise KeyError(f"no rollout tag '{key}': the method's rollout hook must call ctx.tag(rollout, '{name}', ...)")
         return self.tags[key]
@@ -188,7 +207,7 @@ class RolloutBatch:
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, step, salt): identical on every process, so draws over
         the gathered batch agree everywhere and repeat across runs."""
-        return torch.Generator().manual_seed(_stable_hash((self.seed, self.step, salt, int(self.training))))
+        return torch.Generator().manual_seed(stable_hash((self.seed, self.step, salt, int(self.training))))
 
     @property
     def lengths(self) -> Tensor:
@@ -224,7 +243,7 @@ class RolloutBatch:
 
     def log(self, name: str, value: float | Tensor) -> None:
         """Log a statistic as ``<method>/<name>`` (values are global already: no reduction needed)."""
-        self.metrics[f"{self._prefix}{name}"] = float(value)
+        self.metrics[self.key(name)] = float(value)
 
     def carry(self, name: str, value: Tensor) -> None:
         """Hand a per-sample (N, ...) or per-token (N, T) tensor to this method's ``token_loss``.
@@ -234,11 +253,11 @@ class RolloutBatch:
         """
         if value.dim() == 0 or value.size(0) != self.mask.size(0):
             raise ValueError(f"carry('{name}') needs one row per sample ({self.mask.size(0)}), got {tuple(value.shape)}")
-        self.carried[f"{self._prefix}{name}"] = value.detach()
+        self.carried[self.key(name)] = value.detach()
 
 
 @dataclass
-class LossBatch:
+class LossBatch(_MethodScope):
     """One loss micro-batch on this process, as the token-level hook sees it.
 
     ``logps`` and ``entropy`` carry gradients (they come from the single training forward pass);
@@ -271,11 +290,15 @@ class LossBatch:
     bias_correction_kl: bool = False  # TRL's use_bias_correction_kl
     carried: dict[str, Tensor] = field(default_factory=dict)  # from RolloutBatch.carry, this micro-batch's rows
     metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
-    _prefix: str = ""
+    _prefix: str = field(default="", repr=False)
+
+    def has_carried(self, name: str) -> bool:
+        """Whether this method's reward or advantage hook carried ``name`` into this micro-batch."""
+        return self.key(name) in self.carried
 
     def carried_value(self, name: str) -> Tensor:
         """What this method's reward or advantage hook passed on with ``RolloutBatch.carry(name, ...)``."""
-        key = f"{self._prefix}{name}"
+        key = self.key(name)
         if key not in self.carried:
             raise KeyError(f"nothing carried under '{key}': call batch.carry('{name}', ...) in an earlier hook")
         return self.carried[key]
@@ -311,12 +334,12 @@ class LossBatch:
         The same on every process unless ``per_process``: global selections then agree everywhere.
         """
         key = (self.seed, self.step, self.micro_step, salt, self.process_index if per_process else -1)
-        return torch.Generator().manual_seed(_stable_hash(key))
+        return torch.Generator().manual_seed(stable_hash(key))
 
     def log(self, name: str, value: float | Tensor, reduce: Literal["mean", "sum", "max", "min"] = "mean") -> None:
         """Log ``<method>/<name>``; local values are reduced across processes with ``reduce``."""
         value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-        self.metrics[f"{self._prefix}{name}"] = (value.reshape(()), reduce)
+        self.metrics[self.key(name)] = (value.reshape(()), reduce)
 
 
 @dataclass
@@ -404,114 +427,3 @@ class Method:
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
-
-    @classmethod
-    def from_config(cls, params: dict[str, Any]) -> Method:
-        """Build from a recipe entry (without its ``name``), checking names and types of parameters."""
-        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-        hints = typing.get_type_hints(cls) if fields else {}
-        kwargs = {}
-        for key, value in params.items():
-            if key not in fields:
-                raise MethodConfigError(
-                    f"method '{cls.name}' has no parameter '{key}'.{closest(key, list(fields))} "
-                    f"Valid parameters: {', '.join(fields) or '(none)'}"
-                )
-            kwargs[key] = coerce(value, hints[key], f"{cls.name}.{key}", MethodConfigError)
-        try:
-            return cls(**kwargs)
-        except MethodConfigError:
-            raise
-        except (TypeError, ValueError) as err:
-            raise MethodConfigError(f"method '{cls.name}': {err}") from err
-
-
-def coerce(value: Any, annotation: Any, where: str, error: type[Exception] = ValueError) -> Any:
-    """Check ``value`` against a type annotation, widening int to float; raise ``error`` naming ``where``.
-
-    Handles the annotations recipes use: bool, int, float, str, Literal, Optional/Union, list, dict.
-    """
-    origin = typing.get_origin(annotation)
-    if annotation is Any or annotation is typing.Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, where, error)
-            except error as err:  # type: ignore[misc]
-                errors.append(str(err))
-        raise error(f"{where}: {value!r} does not match {_type_name(annotation)}")
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise error(f"{where}: {value!r} is not one of {list(choices)}.{closest(str(value), [str(c) for c in choices])}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise error(f"{where}: expected a list, got {value!r}")
-        (item_type, *_) = typing.get_args(annotation) or (Any,)
-        return [coerce(v, item_type, f"{where}[{i}]", error) for i, v in enumerate(value)]
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise error(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise error(f"{where}: expected true/false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise error(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string: accept what float() accepts
-            try:
-                value = float(value)
-            except ValueError:
-                raise error(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise error(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise error(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise error(f"{where}: expected a string, got {value!r}")
-        return value
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise error(f"{where}: expected {annotation.__name__}, got {value!r}")
-    return value
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _stable_hash(key: tuple[int, ...]) -> int:
-    """FNV-1a over the integers of ``key``: a seed that never depends on the interpreter or the process."""
-    h = 1469598103934665603
-    for part in key:
-        for byte in int(part).to_bytes(8, "little", signed=True):
-            h = ((h ^ byte) * 1099511628211) % (1 << 64)
-    return h % (1 << 63)
-
-
-def build_method(entry: dict[str, Any]) -> Method:
-    """Build one method from a recipe entry ``{name: <registry key>, <param>: <value>, ...}``."""
-    if not isinstance(entry, dict) or "name" not in entry:
-        raise MethodConfigError(f"each entry of `methods` needs a `name` key, got {entry!r}")
-    params = dict(entry)
-    name = params.pop("name")
-    try:
-        cls = METHODS.get(name)
-    except ValueError as err:
-        raise MethodConfigError(str(err)) from err
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise MethodConfigError(f"'{name}' is not a Method subclass")
-    return cls.from_config(params)

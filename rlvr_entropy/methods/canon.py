@@ -25,6 +25,8 @@ max_completion_length); the recipes set that. Advantages are recomputed from the
 replaces GRPO's estimator), so methods listed before CANON that rescale advantages are overridden;
 reward hooks before it are not. A completion without any reward (NaN) gets advantage 0, as in TRL.
 A group of one has both means 0.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §5.
 """
 
 from __future__ import annotations

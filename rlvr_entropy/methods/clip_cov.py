@@ -23,6 +23,8 @@ Deviations from the reference: the draw uses a generator seeded from (training s
 micro-step), so runs repeat exactly (the reference calls an unseeded ``randperm``). The paper's
 scripts disable PPO clipping (``clip_ratio_low = clip_ratio_high = 1``); this method does not change
 TRL's ``epsilon`` fields: the paper recipes set them.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §1.
 """
 
 from __future__ import annotations

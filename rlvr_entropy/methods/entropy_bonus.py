@@ -9,6 +9,8 @@ Reference impl: TRL 1.16 ``GRPOConfig.entropy_coef`` / ``use_adaptive_entropy`` 
 Deviation from reference: none. This method only sets TRL's fields; TRL computes the bonus, keeps
 the controller and checkpoints it (``entropy_ctrl_state.json``). It exists so that the bonus is one
 more entry of ``methods`` and composes with the others.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §9.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Reference impl: TRL 1.16 ``GRPOConfig.top_entropy_quantile`` and ``GRPOTrainer.g
 (quantile over the valid tokens of all processes in the micro-batch).
 Deviation from reference: none. This method only sets TRL's field, so TRL's mask (and its effect on
 the entropy bonus) is used unchanged.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §9.
 """
 
 from __future__ import annotations

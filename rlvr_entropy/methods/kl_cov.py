@@ -21,6 +21,8 @@ Deviations from the reference: none in the arithmetic. The unclipped base loss i
 clipped one by requiring ``epsilon >= 1`` (the lower clip at ratio 0 never binds) and a very large
 ``epsilon_high``; ``base_clip: true`` keeps PPO clipping instead (an ablation the paper's equation
 suggests).
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §2.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ A response without the marker: H_answer = 0 and H_think is the mean over all its
 (``missing_marker: all_tokens``, the spec's recommendation) or over all but the last
 (``exclude_last``, the paper's formula read literally).
 Reference impl: iNLP-Lab/PEAR ``entropy.py::compute_score`` (not readable here; the formula follows the
-paper and its reviews, see methods.md §6).
+paper and its reviews, see docs/methods.md §6).
 
 In this trainer PEAR reshapes the reward of one named reward function (``correct_from``, default
 ``correctness``; a value >= 0.5 means correct): that function's contribution is replaced by PEAR's

@@ -6,7 +6,9 @@ Composition rules (each is tested in ``tests/test_pipeline.py``):
 - reward, advantage: folded left in list order, each method sees the previous one's output.
 - token_loss: weights multiply, detach masks are OR-ed, extra terms add; each method sees the
   product of the weights returned before it in ``batch.weight``.
-- state: one JSON-serialisable dict per method, keyed by the method's name.
+- state: one JSON-serialisable dict per method, keyed by the method's name; ``state_dict`` /
+  ``load_state_dict`` for checkpoints, ``snapshot`` / ``restore`` (a deep copy, as a value) to undo an
+  optimizer step that the guards skip.
 - non-finite outputs (NaN/inf where the input was finite): with ``on_nonfinite="raise"`` a
   :class:`NonFiniteError` names the method and hook; with ``"skip"`` the method's output is dropped for
   this call (identity: the previous rewards/advantages, no weight, no extra term) and the event is
@@ -15,6 +17,7 @@ Composition rules (each is tested in ``tests/test_pipeline.py``):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,6 @@ from rlvr_entropy.methods.base import (
     RolloutBatch,
     RolloutContext,
     TokenTerms,
-    build_method,
 )
 
 
@@ -65,10 +67,6 @@ class Pipeline:
         if duplicates:
             raise MethodConfigError(f"methods listed twice in one recipe: {', '.join(duplicates)}")
 
-    @classmethod
-    def from_config(cls, entries: list[dict[str, Any]] | None) -> Pipeline:
-        return cls(build_method(e) for e in entries or [])
-
     def __len__(self) -> int:
         return len(self.methods)
 
@@ -98,6 +96,24 @@ class Pipeline:
         for m in self.methods:
             m.check(args)
 
+    def reward_columns(self, reward_names: list[str]) -> list[str]:
+        """The reward columns the methods add after the run's reward functions ``reward_names``: one per
+        method with a reward hook, named after it. Checks that no name clashes and that every reward
+        function a method reads (``reward_inputs``) is one of the run's."""
+        columns = [m.name for m in self._with("reward")]
+        clash = sorted(set(columns) & set(reward_names))
+        if clash:
+            raise ValueError(f"reward function names clash with method names: {clash}")
+        for m in self.methods:
+            missing = [n for n in m.reward_inputs() if n not in reward_names]
+            if missing:
+                raise MethodConfigError(
+                    f"method '{m.name}' reads reward function {missing[0]!r}, which this run does not have "
+                    f"(reward functions: {', '.join(reward_names)}); set {m.name}.correct_from "
+                    "or add the reward function"
+                )
+        return columns
+
     # -- hooks ----------------------------------------------------------------------------------------------
     def rollout(self, ctx: RolloutContext, generate: GenerateFn) -> Rollout:
         chain = generate
@@ -113,26 +129,24 @@ class Pipeline:
         rewards = batch.weighted_rewards()  # (N,)
         columns: dict[str, Tensor] = {}
         for m in self._with("reward"):
-            batch._prefix = f"{m.name}/"
-            shaped = m.reward(rewards.clone(), batch)
+            with batch.scope(m.name):
+                shaped = m.reward(rewards.clone(), batch)
             if not self._finite(shaped, rewards, m, "reward"):
                 shaped = rewards  # dropped: this method shapes nothing in this batch
             columns[m.name] = shaped - rewards
             rewards = shaped
-        batch._prefix = ""
         batch.rewards = rewards
         return columns
 
     def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
         for m in self._with("advantage"):
-            batch._prefix = f"{m.name}/"
-            out = m.advantage(advantages.clone(), batch)
+            with batch.scope(m.name):
+                out = m.advantage(advantages.clone(), batch)
             if out.shape[0] != advantages.shape[0] or out.dim() not in (1, 2):
                 raise ValueError(f"method '{m.name}' advantage hook returned shape {tuple(out.shape)}")
             if not self._finite(out if out.dim() == 1 else out * batch.mask, None, m, "advantage"):
                 continue  # dropped: the advantages stay as they were before this method
             advantages = out
-        batch._prefix = ""
         return advantages
 
     def token_loss(self, batch: LossBatch) -> TokenTerms:
@@ -140,9 +154,9 @@ class Pipeline:
         detach: Tensor | None = None
         extra: Tensor | None = None
         for m in self._with("token_loss"):
-            batch._prefix = f"{m.name}/"
             batch.weight = torch.ones_like(batch.mask) if weight is None else weight
-            terms = m.token_loss(batch)
+            with batch.scope(m.name):
+                terms = m.token_loss(batch)
             if terms is None:
                 continue
             shape = tuple(batch.mask.shape)
@@ -160,7 +174,6 @@ class Pipeline:
                 detach = d if detach is None else detach | d
             if terms.extra is not None and self._finite(terms.extra.detach() * batch.mask, None, m, "extra loss term"):
                 extra = terms.extra if extra is None else extra + terms.extra
-        batch._prefix = ""
         return TokenTerms(weight=weight, detach=detach, extra=extra)
 
     def _finite(self, value: Tensor, reference: Tensor | None, method: Method, hook: str) -> bool:
@@ -196,14 +209,20 @@ class Pipeline:
         for m in self.methods:
             m.state = dict(states[m.name])
 
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every method's state as a value (a deep copy): what ``restore`` returns to."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, snapshot: dict[str, dict[str, Any]]) -> None:
+        """Put every method's state back to ``snapshot`` (an optimizer step was skipped)."""
+        self.load_state_dict(copy.deepcopy(snapshot))
+
 
 def _bind_rollout(method: Method, ctx: RolloutContext, inner: GenerateFn) -> GenerateFn:
     def generate(rows: list[int] | None = None, temperature: float | None = None) -> Rollout:
         if rows is None and temperature is None:
-            ctx._prefix = f"{method.name}/"
-            out = method.rollout(ctx, inner)
-            ctx._prefix = ""
-            return out
+            with ctx.scope(method.name):
+                return method.rollout(ctx, inner)
         # A sub-request from an outer method goes straight to the inner chain: rollout hooks shape
         # the batch as a whole, and re-running them on a subset would apply them twice.
         return inner(rows, temperature)

@@ -19,6 +19,8 @@ Deviations: clustering uses answer equivalence instead of exact strings (the spe
 a group of size 1 has SE = 0 and scale 1. The paper pairs the method with Dr.GRPO advantages
 (``scale_rewards: none``, ``loss_type: dr_grpo``): the recipes set that; the method scales whatever
 advantages reach it, so it composes with the others.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §4.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Omega; the 0.02 floor on the exp normaliser); ``use_clip_indicator: true`` gives
 which is 0 for tokens PPO clips. The reference's dual clip (clip_ratio_c = 10) is TRL's ``delta``
 (for delta > 1 + epsilon_high it caps the ratio of negative-advantage tokens at delta and leaves the
 rest unchanged); the paper recipe sets it.
+
+Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §3.
 """
 
 from __future__ import annotations

@@ -11,14 +11,14 @@ builtin.
 
 from __future__ import annotations
 
-import difflib
-import importlib
 import re
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
 from math_verify import parse, verify
+
+from rlvr_entropy.registry import Registry
 
 RewardFunc = Callable[..., list[float | None]]
 
@@ -194,33 +194,19 @@ def format_reward(
 correctness.required_columns = ("answer",)  # type: ignore[attr-defined]
 format_reward.required_columns = ()  # type: ignore[attr-defined]
 
-REWARDS: dict[str, RewardFunc] = {"correctness": correctness, "format": format_reward}
-
-
-def _import_object(path: str) -> Any:
-    """Import ``"pkg.module:attr"`` or ``"pkg.module.attr"``."""
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"Cannot import reward function {path!r}: {error}") from error
+#: Reward functions selectable by name in a recipe's ``rewards`` list; any other entry is an import path.
+REWARDS: Registry[RewardFunc] = Registry("reward function")
+REWARDS.register("correctness")(correctness)
+REWARDS.register("format")(format_reward)
 
 
 def get_reward(name: str) -> RewardFunc:
-    """A reward function by registry name (see REWARDS) or by dotted import path.
+    """A reward function by registry name (see REWARDS) or by import path.
 
     Import paths may be ``"pkg.module:function"`` or ``"pkg.module.function"``, so experiments can plug
     in their own rewards without editing the registry.
     """
-    if name in REWARDS:
-        return REWARDS[name]
-    if ":" in name or "." in name:
-        function = _import_object(name)
-        if not callable(function):
-            raise ValueError(f"Reward {name!r} is not callable (got {type(function).__name__}).")
-        return function
-    close = difflib.get_close_matches(name, list(REWARDS), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown reward {name!r}; valid rewards: {sorted(REWARDS)} or a dotted import path.{hint}")
+    function = REWARDS.get(name)
+    if not callable(function):
+        raise ValueError(f"reward function {name!r} is not callable (got {type(function).__name__})")
+    return function

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlvr_entropy.methods import MethodConfigError, Rollout, RolloutBatch, RolloutContext, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import MethodConfigError, Rollout, RolloutBatch, RolloutContext
 from rlvr_entropy.methods.aepo import INJECTED, local_budget, successful
 from rlvr_entropy.tensor_ops import grpo_advantages
 
@@ -68,8 +69,8 @@ def test_rollout_samples_hot_below_target_and_replaces_rows_with_kept_samples():
     aepo = build_method({"name": "aepo", "target": 0.5, "num_samples": 1})
     fake = FakeGeneration([1.0, 0.0, 1.0, 0.0])  # extra samples of the first group (first quarter of 4)
     ctx = context(fake)
-    ctx._prefix = "aepo/"
-    out = aepo.rollout(ctx, fake.generate)
+    with ctx.scope("aepo"):
+        out = aepo.rollout(ctx, fake.generate)
     assert fake.calls == [(None, None), ([0, 1, 2, 3], 1.2)]  # estimate 0 <= target: hot
     # rows 0 and 2 succeed; the budget keeps the first only, in place of row 0's normal sample
     assert [c[0] for c in out.completion_ids] == [100] + list(range(1, 16))
@@ -114,9 +115,9 @@ def test_advantage_gives_injected_rows_the_reinforce_value_outside_the_baseline(
     injected = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     logps = torch.tensor([[-9.0, -9.0, -5.0]] + [[-0.5, -0.3, -7.0]] * 7)  # padding (-5, -7) never counts
     batch = rollout_batch(rewards, injected, logps)
-    batch._prefix = "aepo/"
     trl = grpo_advantages(torch.tensor(rewards), 4)
-    out = aepo.advantage(trl.clone(), batch)
+    with batch.scope("aepo"):
+        out = aepo.advantage(trl.clone(), batch)
     assert out[0].item() == 1.0
     # the rest of group 0 is normalised without row 0: rewards [1, 0, 0]
     assert out[1:4].tolist() == pytest.approx(grpo_advantages(torch.tensor([NAN, 1.0, 0.0, 0.0]), 4)[1:].tolist())
@@ -124,7 +125,8 @@ def test_advantage_gives_injected_rows_the_reinforce_value_outside_the_baseline(
     assert aepo.state["estimate"] == pytest.approx(0.4)  # NLL over normal rows' valid tokens only
     assert batch.metrics["aepo/injected"] == 1.0
     # per-token advantages from an earlier method: same values on every token of touched groups
-    out2 = aepo.advantage(trl.unsqueeze(1).expand(8, 3).clone(), batch)
+    with batch.scope("aepo"):
+        out2 = aepo.advantage(trl.unsqueeze(1).expand(8, 3).clone(), batch)
     assert torch.allclose(out2[:, 0], out) and torch.allclose(out2[:, 2], out)
 
 

@@ -1,4 +1,4 @@
-"""ARES against methods.md §8 (§8.7 worked example for the code mode, the paper-mode example) and its state."""
+"""ARES against docs/methods.md §8 (§8.7 worked example for the code mode, the paper-mode example) and its state."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlvr_entropy.methods import MethodConfigError, RolloutBatch, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import MethodConfigError, RolloutBatch
 from rlvr_entropy.methods.ares import (
     EASY,
     HARD,
@@ -23,7 +24,7 @@ from rlvr_entropy.methods.ares import (
     window_means,
 )
 
-# methods.md §8.7: (bucket, correct, N_HE, target 8) -> entropy_score with alpha_entropy = 0.5
+# docs/methods.md §8.7: (bucket, correct, N_HE, target 8) -> entropy_score with alpha_entropy = 0.5
 CODE_EXAMPLE = [
     (EASY, True, 12, -0.281250), (EASY, True, 9, 0.0), (EASY, False, 12, 0.240655),
     (MEDIUM, True, 3, -0.150000), (MEDIUM, False, 14, 0.332807),
@@ -108,9 +109,9 @@ def test_paper_mode_targets_start_at_the_batch_mean_then_lag():
     entropy = torch.tensor([[0.0, 0.0, 0.0, 1.0]] * 2 + [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     mask = torch.ones(4, 4)
     b = batch([1.0, 1.0, 0.0, 0.0], entropy, mask)  # group 0 easy, group 1 hard
-    b._prefix = "ares/"
     # tau = mean of per-row 95th percentiles = (0.85 + 0.85 + 1 + 0) / 4; windows of 1 above it: entropy 1
-    out = ares.reward(torch.tensor([1.0, 1.0, 0.0, 0.0]), b)
+    with b.scope("ares"):
+        out = ares.reward(torch.tensor([1.0, 1.0, 0.0, 0.0]), b)
     assert b.metrics["ares/threshold"] == pytest.approx(0.675) and b.metrics["ares/hwe"] == pytest.approx(1.5)
     assert out.tolist() == [1.0, 1.0, 0.0, 0.0]  # first batch: targets = bucket means, lambda = 0
     assert ares.state["targets"] == {"easy": 1.0, "medium": None, "hard": 2.0}
@@ -140,16 +141,16 @@ def test_code_mode_counts_trigger_words_after_the_first_batch():
     entropy = torch.tensor([[0.1, 0.1, 0.1, 2.0, 2.0], [0.1, 0.1, 0.1, 0.1, 0.1]])
     mask = torch.ones(2, 5)
     b = batch([1.0, 1.0], entropy, mask, ids=ids)
-    b._prefix = "ares/"
-    ares.reward(torch.ones(2), b)
+    with b.scope("ares"):
+        ares.reward(torch.ones(2), b)
     # first batch: every trigger followed by some tokens counts (row 1's last "ab" has no window after it)
     assert b.metrics["ares/hwe"] == pytest.approx(1.0)
     first = ares.state["threshold"]
     assert first == pytest.approx(1.05)  # median of the rows' 95th-percentile window means (2.0, 0.1)
     assert ares.state["alpha"]["easy"] == 0.5  # the bucket mean (1) equals its rounded target
     b2 = batch([1.0, 1.0], entropy, mask, ids=ids)
-    b2._prefix = "ares/"
-    ares.reward(torch.ones(2), b2)
+    with b2.scope("ares"):
+        ares.reward(torch.ones(2), b2)
     assert b2.metrics["ares/threshold"] == pytest.approx(first)
     # only "ab" of row 0 is followed by a window (2.0, 2.0) above the threshold
     assert b2.metrics["ares/hwe"] == pytest.approx(0.5)

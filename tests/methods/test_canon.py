@@ -1,12 +1,13 @@
-"""CANON against methods.md §5.6 (verified there with the official functions, max_length = 1)."""
+"""CANON against docs/methods.md §5.6 (verified there with the official functions, max_length = 1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cov_example import LENGTHS, MASK
+from helpers.cov_example import LENGTHS, MASK
 
-from rlvr_entropy.methods import RolloutBatch, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import RolloutBatch
 from rlvr_entropy.methods.canon import canon_advantages, cosine_restart, split_halves
 
 R = torch.tensor([1.0, 0, 1, 0, 1, 0, 0, 0])

@@ -1,23 +1,14 @@
-"""Clip-Cov against methods.md §1.6 (values from the official function), and its invariants."""
+"""Clip-Cov against docs/methods.md §1.6 (values from the official function), and its invariants."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cov_example import ADV, LOGP, MASK, OLD, ppo_token_loss, token_mean
+from helpers.cov_example import ADV, LOGP, MASK, OLD, loss_batch, ppo_token_loss, token_mean
 
-from rlvr_entropy.methods import LossBatch, MethodConfigError, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import MethodConfigError
 from rlvr_entropy.methods.clip_cov import clip_cov_select
-
-
-def loss_batch(logp=LOGP, old=OLD, adv=ADV, eps=0.2, **kw):
-    logp = logp.clone().requires_grad_(True)
-    return LossBatch(
-        logps=logp, old_logps=old, on_policy=False, entropy=torch.zeros_like(logp), advantages=adv, mask=MASK,
-        group_ids=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), weight=torch.ones_like(MASK), loss_type="dapo",
-        epsilon_low=eps, epsilon_high=eps, importance_sampling_level="token", step=0, micro_step=0, seed=0,
-        process_index=0, num_processes=1, gather=lambda x: x, **kw,
-    )
 
 
 def test_case_a_loss_and_selection():

@@ -1,13 +1,13 @@
-"""KL-Cov against methods.md §2.6 (values from the official function), on- and off-policy."""
+"""KL-Cov against docs/methods.md §2.6 (values from the official function), on- and off-policy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cov_example import ADV, LOGP, MASK, token_mean
-from test_clip_cov import loss_batch
+from helpers.cov_example import ADV, LOGP, MASK, loss_batch, token_mean
 
-from rlvr_entropy.methods import MethodConfigError, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import MethodConfigError
 from rlvr_entropy.methods.kl_cov import kl_cov_select
 
 

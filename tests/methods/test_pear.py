@@ -1,12 +1,13 @@
-"""PEAR against methods.md §6.6 (alpha 1, score 1, format score 0), both missing-marker variants."""
+"""PEAR against docs/methods.md §6.6 (alpha 1, score 1, format score 0), both missing-marker variants."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlvr_entropy.methods import RolloutBatch, build_method
-from rlvr_entropy.methods.pear import phase_entropies, pear_rewards
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import RolloutBatch
+from rlvr_entropy.methods.pear import pear_rewards, phase_entropies
 
 # marker token sits between the phases (its entropy 9.9 is junk that must not count); -1 = padding
 ENTROPY = torch.tensor([

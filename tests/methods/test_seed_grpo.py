@@ -1,4 +1,4 @@
-"""SEED-GRPO against methods.md §4.6, plus clustering by meaning and degenerate groups."""
+"""SEED-GRPO against docs/methods.md §4.6, plus clustering by meaning and degenerate groups."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rlvr_entropy.methods import RolloutBatch, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import RolloutBatch
 from rlvr_entropy.methods.seed_grpo import cluster_group, seed_scale, semantic_entropy
 
 ANSWERS = ["3", "3", "5", "3", "12", "7", None, "12"]

@@ -1,12 +1,13 @@
-"""STEER against methods.md §3.6 (verified with the official compute_token_weights)."""
+"""STEER against docs/methods.md §3.6 (verified with the official compute_token_weights)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_clip_cov import loss_batch
+from helpers.cov_example import loss_batch
 
-from rlvr_entropy.methods import MethodConfigError, build_method
+from rlvr_entropy.config import build_method
+from rlvr_entropy.methods import MethodConfigError
 from rlvr_entropy.methods.steer import steer_omega, steer_weights
 
 A = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-0.5, -0.5, -0.5, -0.5]])

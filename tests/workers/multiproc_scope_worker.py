@@ -14,10 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.trainers import cpu_args, prompt_rows  # noqa: E402  (tests/ is on PYTHONPATH)
 from transformers import AutoTokenizer, set_seed
-
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_utils import cpu_args, prompt_rows  # noqa: E402
 
 from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer  # noqa: E402
 from rlvr_entropy.methods import Method, Rollout  # noqa: E402

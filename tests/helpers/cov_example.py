@@ -1,6 +1,8 @@
-"""The shared toy batch of methods.md §1.6 / §2.6: 2 prompts x 4 responses x T=5, N=33 valid tokens."""
+"""The shared toy batch of docs/methods.md §1.6 / §2.6: 2 prompts x 4 responses x T=5, N=33 valid tokens."""
 
 import torch
+
+from rlvr_entropy.methods import LossBatch
 
 P = float("nan")  # padding: junk that must never be read
 LOGP = torch.tensor([
@@ -31,3 +33,13 @@ def ppo_token_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, eps
 
 def token_mean(per_token: torch.Tensor) -> torch.Tensor:
     return (per_token * MASK).sum() / MASK.sum()
+
+def loss_batch(logp=LOGP, old=OLD, adv=ADV, eps=0.2, **kw) -> LossBatch:
+    """A loss micro-batch over the toy batch (DAPO loss, one process); ``kw`` sets optional fields."""
+    logp = logp.clone().requires_grad_(True)
+    return LossBatch(
+        logps=logp, old_logps=old, on_policy=False, entropy=torch.zeros_like(logp), advantages=adv, mask=MASK,
+        group_ids=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), weight=torch.ones_like(MASK), loss_type="dapo",
+        epsilon_low=eps, epsilon_high=eps, importance_sampling_level="token", step=0, micro_step=0, seed=0,
+        process_index=0, num_processes=1, gather=lambda x: x, **kw,
+    )

@@ -1,0 +1,86 @@
+"""Metric arithmetic (``rlvr_entropy.metrics``) on hand-built tensors: padding never counts, reductions over
+processes are exact, and the JSONL log survives a resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rlvr_entropy.metrics import (
+    entropy_gap,
+    entropy_summary,
+    logp_adv_covariance,
+    masked_quantiles,
+    reduce_across,
+    truncate_metrics,
+)
+
+VALUES = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+
+
+def no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def test_masked_quantiles_match_numpy_and_ignore_padding():
+    expected = np.quantile([1, 2, 3, 4, 5], [0.1, 0.5, 0.9])
+    assert masked_quantiles(VALUES, MASK, (0.1, 0.5, 0.9)) == pytest.approx(expected.tolist())
+    assert all(np.isnan(masked_quantiles(VALUES, torch.zeros_like(MASK), (0.5,))))
+
+
+def test_entropy_summary_keys_and_values():
+    out = entropy_summary("rollout_entropy", VALUES, MASK)
+    assert out["rollout_entropy/mean"] == pytest.approx(3.0)  # (1 + 2 + 3 + 4 + 5) / 5; 100 and -7 are padding
+    assert out["rollout_entropy/p50"] == pytest.approx(3.0)
+    assert out["rollout_entropy/p10"] == pytest.approx(1.4) and out["rollout_entropy/p90"] == pytest.approx(4.6)
+    assert set(entropy_summary("entropy", VALUES, MASK, mean=False)) == {"entropy/p10", "entropy/p50", "entropy/p90"}
+
+
+def test_covariance_of_logp_and_advantage_over_valid_tokens():
+    logps = torch.tensor([[-1.0, -2.0, 9.0], [-3.0, 5.0, 5.0]])
+    adv = torch.tensor([1.0, -1.0])  # per sample, broadcast over tokens
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # valid (logp, A): (-1, 1), (-2, 1), (-3, -1): E[A logp] = (-1 - 2 + 3) / 3 = 0, E[A] = 1/3, E[logp] = -2
+    out = logp_adv_covariance(logps, adv, mask, no_reduce)
+    assert out["covariance/logp_adv"] == pytest.approx(0.0 - (1 / 3) * (-2.0))
+    # rows split over two "processes": the all-reduced sums give the covariance of the whole
+    parts: list[torch.Tensor] = []
+    for i in range(2):
+        logp_adv_covariance(logps[i : i + 1], adv[i : i + 1], mask[i : i + 1], lambda t: parts.append(t) or t)
+    total = parts[0] + parts[1]
+    assert logp_adv_covariance(logps[:1], adv[:1], mask[:1], lambda t: total)["covariance/logp_adv"] == pytest.approx(2 / 3)
+    assert logp_adv_covariance(logps, adv, torch.zeros_like(mask), no_reduce) == {}
+
+
+def test_entropy_gap_is_signed_train_minus_rollout():
+    train = torch.tensor([[1.0, 1.0, 7.0]])
+    rollout = torch.tensor([[0.5, 1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    out = entropy_gap(rollout, train, mask, no_reduce)
+    assert out == pytest.approx({"rollout_entropy/gap": 0.5, "rollout_entropy/gap_signed": 0.0})
+    assert entropy_gap(rollout, train, torch.zeros_like(mask), no_reduce) == {}
+
+
+def test_reduce_across_processes_by_kind():
+    local = {"m/a": (torch.tensor(1.0), "mean"), "m/b": (torch.tensor(2.0), "sum"),
+             "m/c": (torch.tensor(3.0), "max"), "m/d": (torch.tensor(4.0), "min")}
+    peers = iter([[3.0], [5.0], [-1.0], [0.5]])  # another process's values: one gather per kind, in this order
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # (1, n) -> (2, n)
+        return torch.cat([t, torch.tensor([next(peers)])])
+
+    assert reduce_across(local, gather) == {"m/a": 2.0, "m/b": 7.0, "m/c": 3.0, "m/d": 0.5}
+    assert reduce_across(local, lambda t: t) == {"m/a": 1.0, "m/b": 2.0, "m/c": 3.0, "m/d": 4.0}
+
+
+def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": s / 10}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')  # the last line cut by a crash
+    assert truncate_metrics(str(path), 2) == 3
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert truncate_metrics(str(tmp_path / "missing.jsonl"), 2) == 0
