@@ -12,7 +12,10 @@ A recipe is one YAML mapping. Three sections describe the run's world, every oth
 
 Command-line overrides ``key=value`` are parsed as YAML values; dotted keys reach into sections and
 lists (``data.num_prompts=64``, ``methods.0.ratio=1e-3``). Unknown keys, wrong types and unknown
-method names fail before anything is built, naming the closest valid key.
+method names fail before anything is built, naming the closest valid key: every value is checked
+against its field's type annotation (:func:`coerce`), recipe sections and method parameters alike, and
+each ``methods`` entry becomes a method here (:func:`build_method`), so the method interface itself
+(``methods/base.py``) knows nothing of YAML.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ class EntropyGRPOConfig(GRPOConfig):
             "help": "Seconds one reward-function call may take (TRL calls each function once per generation batch on "
             "each process; after a call that raises or times out, each completion is scored on its own with the same "
             "limit). A completion whose call raises or times out gets no reward, counted in reward/errors and "
-            "reward/timeouts. null: no limit and no sandbox (TRL's direct call)."
+            "reward/timeouts. null: no limit and no sandbox (a direct call, its results still checked)."
         },
     )
     reward_sandbox: Literal["process", "thread", "none"] = field(
@@ -131,7 +134,7 @@ class EntropyGRPOConfig(GRPOConfig):
         metadata={
             "help": "Where reward functions run: 'process' (a worker process, killed when a call times out; the "
             "function must be importable), 'thread' (a worker thread; a timed-out call is abandoned and keeps "
-            "running), 'none' (TRL's direct call, no limit). See rlvr_entropy/sandbox.py."
+            "running), 'none' (a direct call, no limit; results still checked). See rlvr_entropy/sandbox.py."
         },
     )
     on_nonfinite: Literal["skip", "raise"] = field(

@@ -111,9 +111,7 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         with vllm_backend.building_engine(args) as vllm_on_cpu:
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self._add_method_reward_columns()
-
-        self._setup_rollout_stats(args, vllm_on_cpu)
-
+        self._setup_rollout_stats(args, vllm_on_cpu)  # rollout.py
         self._loss_call: _LossCall | None = None
         self._micro_step = 0
         self._micro_step_of = -1
@@ -186,24 +184,6 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------
     # 3. reward
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        call = self._loss_call
-        if call is None or call.forward_done or model is not call.model:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
-        # 5. The training forward of this loss micro-batch: the one place with current log-probs.
-        kwargs["compute_entropy"] = True
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        call.forward_done = True
-        call.entropies = entropies.detach()
-        call.logps = logps.detach()
-        if self.pipeline.uses("token_loss"):
-            logps = self._apply_token_hooks(call, logps, entropies)
-        return logps, entropies, aux
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         names = self.reward_func_names
@@ -319,6 +299,24 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------
     # 5. token level
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        call = self._loss_call
+        if call is None or call.forward_done or model is not call.model:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # 5. The training forward of this loss micro-batch: the one place with current log-probs.
+        kwargs["compute_entropy"] = True
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        call.forward_done = True
+        call.entropies = entropies.detach()
+        call.logps = logps.detach()
+        if self.pipeline.uses("token_loss"):
+            logps = self._apply_token_hooks(call, logps, entropies)
+        return logps, entropies, aux
 
     def _compute_loss(self, model, inputs):
         if self._micro_step_of != self.state.global_step:

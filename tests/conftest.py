@@ -1,7 +1,7 @@
 """Shared pytest setup: offline, single-threaded CPU runs, the cached tiny model, and the e2e marker.
 
 A test is end to end (``e2e``) when it builds a trainer or launches a run. Tests that take a model on disk
-(``model_dir``, ``tiny_model_path``) are marked automatically; any other test that builds a trainer must say
+(``model_dir``, ``tiny_model_path``) or are marked ``slow``, ``multiproc`` or ``vllm`` are marked automatically; any other test that builds a trainer must say
 so with ``@pytest.mark.e2e``, or it fails: ``pytest -m "not e2e"`` is then the fast unit loop, trustworthy.
 """
 
@@ -28,7 +28,8 @@ MODEL_FIXTURES = {"model_dir", "tiny_model_path"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+        runs = any(item.get_closest_marker(m) for m in ("slow", "multiproc", "vllm"))  # launch runs by definition
+        if runs or MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
 
 
