@@ -31,7 +31,10 @@ def _train(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from rlvr_entropy.config import load_recipe, recipe_to_yaml
 
-    print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    recipe = load_recipe(args.recipe, args.overrides, hardware_checks=False)  # a GPU recipe checks on a laptop too
+    print(recipe_to_yaml(recipe), end="")
+    for note in recipe.notes:
+        print(f"rlvr-entropy: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key=value overrides (YAML values; dotted keys reach into sections)")
     p.set_defaults(func=_train)
-    p = sub.add_parser("config", help="print the resolved recipe without training")
+    p = sub.add_parser("config", help="validate a recipe and print it resolved, without training (hardware-only "
+                       "checks such as bf16 support are left to the launch machine and reported as notes)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -231,6 +232,8 @@ class Recipe:
     train: EntropyGRPOConfig
     source: str | None = None
     train_keys: list[str] = field(default_factory=list)  # training fields the recipe sets explicitly
+    peft: dict[str, Any] | None = None  # LoRA: peft.LoraConfig fields (TRL's peft_config); None = full training
+    notes: list[str] = field(default_factory=list)  # checks left to the launch machine (hardware_checks=False)
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec}
@@ -283,8 +286,14 @@ def _list_index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file (or start empty when ``path`` is None), apply overrides, validate, build configs."""
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None, hardware_checks: bool = True
+) -> Recipe:
+    """Read a recipe file (or start empty when ``path`` is None), apply overrides, validate, build configs.
+
+    ``hardware_checks=False`` validates a recipe meant for other hardware (a GPU recipe on a laptop): what only
+    the launch machine can tell (bf16 support) becomes a note in ``Recipe.notes`` instead of an error.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -298,10 +307,42 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict[str, Any] |
         overrides = parse_overrides(overrides)
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
-    return build_recipe(tree, source=str(path) if path else None)
+    return build_recipe(tree, source=str(path) if path else None, hardware_checks=hardware_checks)
 
 
-def build_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
+# Errors transformers raises in TrainingArguments.__post_init__ when this machine lacks what the config asks for.
+HARDWARE_ERRORS = ("doesn't support bf16/gpu", "requires a GPU", "requires a cuda", "requires CUDA")
+
+
+def _raised_in(err: BaseException, package: str) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in ``package`` (e.g. accelerate's launch config)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}{package}{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+def _build_train_config(kwargs: dict[str, Any], where: str, hardware_checks: bool, notes: list[str]) -> EntropyGRPOConfig:
+    try:
+        return EntropyGRPOConfig(**kwargs)
+    except MethodConfigError as err:
+        raise RecipeError(f"{where}{err}") from err
+    except ValueError as err:
+        if any(h in str(err) for h in HARDWARE_ERRORS) and not hardware_checks:
+            # Validate everything else as the CPU would, then put back what the recipe asked for.
+            train = _build_train_config({**kwargs, "use_cpu": True}, where, hardware_checks, notes)
+            train.use_cpu = kwargs.get("use_cpu", False)
+            notes.append(f"not checked on this machine, checked at launch: {err}")
+            return train
+        if _raised_in(err, "accelerate"):
+            raise RecipeError(
+                f"{where}the accelerate launch configuration (accelerate launch --config_file, or ACCELERATE_* "
+                f"environment variables) is invalid, not the recipe: {err}"
+            ) from err
+        raise RecipeError(f"{where}invalid configuration: {err}") from err
+
+
+def build_recipe(tree: dict[str, Any], source: str | None = None, hardware_checks: bool = True) -> Recipe:
     tree = dict(tree)
     where = f"{source}: " if source else ""
     sections = {}
@@ -313,23 +354,60 @@ def build_recipe(tree: dict[str, Any], source: str | None = None) -> Recipe:
     if not isinstance(rewards, list) or not rewards or not all(isinstance(r, str) for r in rewards):
         raise RecipeError(f"{where}`rewards` must be a non-empty list of reward function names, got {rewards!r}")
 
+    peft = _peft_section(tree.pop("peft", None), where)
+
     fields = train_fields()
     hints = typing.get_type_hints(EntropyGRPOConfig)
-    valid = sorted([*fields, *SECTIONS, "rewards"])
+    valid = sorted([*fields, *SECTIONS, "rewards", "peft"])
     kwargs = {}
     for key, value in tree.items():
         if key not in fields:
             raise RecipeError(f"{where}unknown key '{key}'.{closest(key, valid)}")
         kwargs[key] = coerce(value, hints[key], key, RecipeError)
-    try:
-        train = EntropyGRPOConfig(**kwargs)
-    except MethodConfigError as err:
-        raise RecipeError(f"{where}{err}") from err
-    except ValueError as err:
-        raise RecipeError(f"{where}invalid configuration: {err}") from err
+    notes: list[str] = []
+    train = _build_train_config(kwargs, where, hardware_checks, notes)
     return Recipe(
-        model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source, train_keys=list(kwargs)
+        model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source,
+        train_keys=list(kwargs), peft=peft, notes=notes,
     )
+
+
+def _peft_section(values: Any, where: str) -> dict[str, Any] | None:
+    """The recipe's ``peft`` section, checked against ``peft.LoraConfig`` (``task_type`` defaults to CAUSAL_LM)."""
+    if values is None:
+        return None
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}`peft` must be a mapping of peft.LoraConfig fields, got {values!r}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise RecipeError(f"{where}the recipe has a `peft` section, which needs peft: pip install "
+                          "'rlvr-entropy[peft]'") from None
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    try:
+        hints = typing.get_type_hints(LoraConfig)
+    except Exception:  # noqa: BLE001 - annotations peft cannot resolve: LoraConfig checks the values itself
+        hints = {}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise RecipeError(f"{where}unknown key 'peft.{key}'.{closest(key, sorted(fields))} (peft.LoraConfig fields)")
+        checked[key] = coerce(value, hints[key], f"peft.{key}", RecipeError) if key in hints else value
+    checked.setdefault("task_type", "CAUSAL_LM")
+    try:
+        LoraConfig(**checked)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}peft: {err}") from err
+    return checked
+
+
+def peft_config(recipe: Recipe) -> Any:
+    """TRL's ``peft_config`` for the recipe: a ``peft.LoraConfig``, or None without a ``peft`` section."""
+    if recipe.peft is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**recipe.peft)
 
 
 def _build_section(cls: type, values: Any, name: str, where: str) -> Any:
@@ -356,6 +434,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
         "data": dataclasses.asdict(recipe.data),
         "rewards": recipe.rewards,
         "methods": recipe.train.methods,
+        **({"peft": recipe.peft} if recipe.peft is not None else {}),
         **{k: v for k, v in train.items() if k != "methods"},
     }
     return yaml.safe_dump(tree, sort_keys=False)

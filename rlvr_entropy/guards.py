@@ -13,7 +13,13 @@ One :class:`StepGuard` window spans the micro-batches of one optimizer step:
    into the run totals (``guard/skipped_steps``, ``guard/nonfinite/<method|loss|grad>``).
 
 With ``policy="raise"`` the same decision raises :class:`NonFiniteError` on every process instead.
-Under DeepSpeed ZeRO gradients are not in ``.grad``, so only the loss and method checks apply there.
+
+Sharding engines: under FSDP2 gradients are DTensors and each process checks its own shard (a non-finite
+value anywhere is seen by the process that holds it, and the flag is all-reduced). DeepSpeed takes the optimizer
+step inside the backward pass and keeps gradients in its own buffers; it skips a step whose global gradient norm
+is not finite by itself (ZeRO-1/2/3, fp32, fp16 and bf16 with its default ``check_grad_overflow``), which
+``close(..., engine_skipped=...)`` turns into the same counts and state restore. A method's non-finite output is
+dropped by the pipeline as everywhere, but under DeepSpeed the step then runs without it (counted and logged).
 """
 
 from __future__ import annotations
@@ -112,13 +118,21 @@ class StepGuard:
             logger.warning("step %d: TRL's loss is %s; this optimizer step is skipped", step, float(value))
             self.flag(f"TRL's loss is {float(value)}", "guard/nonfinite/loss")
 
-    def close(self, parameters: Iterable[torch.nn.Parameter], step: int) -> bool:
-        """End of the step's micro-batches: True (and the step undone) if any process saw NaN/inf."""
+    def close(self, parameters: Iterable[torch.nn.Parameter], step: int, engine_skipped: bool | None = None) -> bool:
+        """End of the step's micro-batches: True (and the step undone) if any process saw NaN/inf.
+
+        ``engine_skipped`` is for an engine that runs the optimizer step itself, inside the backward pass
+        (DeepSpeed): whether it skipped the step for non-finite gradients (its own check, global). The step is
+        then over: when the engine skipped it, the methods' state is restored and the skip counted; when it ran
+        with a method's dropped output, that cannot be undone and is only counted and logged.
+        """
         self.is_open = False
         params = list(parameters)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [_local(p.grad) for p in params if p.grad is not None]  # FSDP2: this process's shard
         if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
             self.flag("the gradients are not finite", "guard/nonfinite/grad")
+        if engine_skipped:
+            self.flag("the gradients are not finite (the engine skipped the optimizer step)", "guard/nonfinite/grad")
         local = torch.tensor(float(bool(self._flags)), device=self.device)
         skip = bool(self.reduce_sum(local) > 0)  # one all-reduce: every process decides the same
         reasons, counts, restore = self._flags, self._counts, self._restore
@@ -128,14 +142,23 @@ class StepGuard:
         for process_counts in self.gather_objects([counts]):
             for key, value in process_counts.items():
                 self.counters[key] = self.counters.get(key, 0) + value
+        why = "; ".join(dict.fromkeys(reasons)) or "NaN/inf on another process"
         if self.policy == "raise":  # after the all-reduce: every process raises, none waits
-            why = "; ".join(reasons) or "another process saw NaN/inf"
             raise NonFiniteError(f"step {step}: {why}")
+        if engine_skipped is False:
+            logger.warning("step %d: %s; the engine has already taken the optimizer step (without the dropped "
+                           "method outputs), so it is not skipped", step, why)
+            return False
         for p in params:  # the optimizer leaves parameters without a gradient (and their state) alone
             p.grad = None
         if restore is not None:
             restore()
         self.counters["guard/skipped_steps"] += 1
-        logger.warning("step %d skipped (%s); parameters, optimizer and method states are unchanged",
-                       step, "; ".join(dict.fromkeys(reasons)) or "NaN/inf on another process")
+        logger.warning("step %d skipped (%s); parameters, optimizer and method states are unchanged", step, why)
         return True
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2 gradients), a plain tensor as it is: no collective per parameter."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor

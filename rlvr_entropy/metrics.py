@@ -101,19 +101,49 @@ def entropy_gap(rollout: Tensor, training: Tensor, mask: Tensor, reduce_sum: Red
 
 
 def reduce_across(
-    metrics: dict[str, tuple[Tensor, str]], gather: Callable[[Tensor], Tensor], device: torch.device | None = None
+    metrics: dict[str, tuple[Tensor, ...]],
+    gather: Callable[[Tensor], Tensor],
+    device: torch.device | None = None,
+    gather_objects: Callable[[list[Any]], list[Any]] | None = None,
 ) -> dict[str, float]:
-    """Loss-phase metrics ``{key: (0-d tensor, "mean" | "sum" | "max" | "min")}`` reduced across processes,
-    with one gather per reduction kind in use. ``gather`` concatenates along dim 0 (identity on one process);
-    ``device`` is where the collective needs its tensors."""
+    """Loss-phase metrics ``{key: (0-d value, "mean" | "sum" | "max" | "min"[, 0-d count])}`` reduced across
+    processes, with one gather per reduction kind in use. ``gather`` concatenates along dim 0 (identity on one
+    process); ``device`` is where the collective needs its tensors. A ``"mean"`` is weighted by each process's
+    count (1 when absent): the mean over all items of all processes.
+
+    A method may log a statistic on some processes only (one whose micro-batch had nothing to report). Every
+    process must still make the same gathers, so with several processes ``gather_objects`` first agrees on
+    the keys: a process without a key contributes nothing to its reduction.
+    """
+    kinds = {key: entry[1] for key, entry in metrics.items()}
+    if gather_objects is not None:
+        for other in gather_objects([kinds]):
+            kinds.update(other)
     out: dict[str, float] = {}
     for kind in REDUCTIONS:
-        keys = sorted(k for k, (_, r) in metrics.items() if r == kind)
+        keys = sorted(k for k, r in kinds.items() if r == kind)
         if not keys:
             continue
-        local = torch.stack([metrics[k][0].float().to(device) for k in keys])  # (n,)
-        values = gather(local.unsqueeze(0)).view(-1, len(keys))  # (P, n)
-        reduced = {"mean": values.mean(0), "sum": values.sum(0), "max": values.amax(0), "min": values.amin(0)}[kind]
+        n = len(keys)
+        # Tensors stay where they are (no host sync per metric); a missing key is NaN with count 0.
+        nan, zero, one = (torch.tensor(v, device=device) for v in (float("nan"), 0.0, 1.0))
+        values = torch.stack([metrics[k][0].float().to(device) if k in metrics else nan for k in keys])  # (n,)
+        if kind == "mean":  # weighted: sum(value * count) / sum(count); a missing key weighs 0
+            counts = torch.stack([(metrics[k][2].float().to(device) if len(metrics[k]) > 2 else one)
+                                  if k in metrics else zero for k in keys])
+            local = torch.cat([torch.nan_to_num(values) * counts, counts])  # (2n,)
+            totals = gather(local.unsqueeze(0)).view(-1, 2 * n).double().sum(0)  # (2n,)
+            reduced = (totals[:n] / totals[n:]).float()  # 0 / 0 = NaN only where no process had the key
+        else:
+            values = gather(values.unsqueeze(0)).view(-1, n).float()  # (P, n)
+            present = ~torch.isnan(values)
+            if kind == "sum":
+                reduced = values.nansum(0)
+            else:
+                fill = float("-inf") if kind == "max" else float("inf")
+                filled = values.masked_fill(~present, fill)
+                reduced = filled.amax(0) if kind == "max" else filled.amin(0)
+            reduced = reduced.masked_fill(~present.any(0), float("nan"))
         out.update(zip(keys, reduced.tolist(), strict=True))
     return out
 

@@ -14,8 +14,9 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from rlvr_entropy.config import ModelSpec, Recipe, RecipeError, recipe_to_yaml
+from rlvr_entropy.config import ModelSpec, Recipe, RecipeError, peft_config, recipe_to_yaml
 from rlvr_entropy.data import load_data
+from rlvr_entropy.launch import LaunchError, check_geometry, launched_processes
 from rlvr_entropy.reward_contract import RewardFn, required_columns
 from rlvr_entropy.tasks.rewards import get_reward
 from rlvr_entropy.trainer import EntropyGRPOTrainer
@@ -64,12 +65,15 @@ def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
 
 
 def build_trainer(recipe: Recipe) -> EntropyGRPOTrainer:
-    dataset = load_data(recipe.data)  # first: an unknown data.task is reported before a tiny build starts
-    model_path = resolve_model(recipe.model, recipe.data.task)
+    # Everything that can be checked without a model first: data, rewards and their columns, batch geometry.
+    dataset = load_data(recipe.data)
     rewards = reward_functions(recipe.rewards, dataset)
+    check_geometry(len(dataset), recipe.train, launched_processes())
+    model_path = resolve_model(recipe.model, recipe.data.task)  # may build the tiny model or download one
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return EntropyGRPOTrainer(
-        model=model_path, reward_funcs=rewards, args=recipe.train, train_dataset=dataset, processing_class=tokenizer
+        model=model_path, reward_funcs=rewards, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config(recipe),
     )
 
 
@@ -80,5 +84,10 @@ def train(recipe: Recipe) -> EntropyGRPOTrainer:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
+    if trainer.state.global_step == 0 and recipe.train.max_steps != 0:
+        raise LaunchError(
+            "the run ended without training a single step (transformers found no batch in the data loader); "
+            "no model was saved. Check the data and the batch geometry (rlvr-entropy config RECIPE)"
+        )
     trainer.save_model()  # the final policy (and tokenizer) in output_dir, whatever the checkpoint strategy
     return trainer

@@ -35,7 +35,8 @@ Per loss micro-batch, inside TRL's ``_compute_loss``:
 
 Throughout:
 
-6. guards      a NaN/inf from a method's hook, TRL's loss or the gradients skips the optimizer step(s)
+6. guards      the launch produced the processes, sharding engine and batch geometry it asked for
+               (``launch.py``); a NaN/inf from a method's hook, TRL's loss or the gradients skips the optimizer step(s)
                that would use it on every process together and restores the methods' state
                (``guards.py``, ``on_nonfinite``); bad dataset rows are dropped or refused before training
                (``data.py``, ``bad_rows``).
@@ -72,6 +73,7 @@ from rlvr_entropy.checkpointing import CheckpointMixin
 from rlvr_entropy.config import EntropyGRPOConfig, build_pipeline
 from rlvr_entropy.data import drop_bad_rows, prompt_token_limit
 from rlvr_entropy.guards import GUARD_KEY, StepGuard
+from rlvr_entropy.launch import check_engine, check_geometry
 from rlvr_entropy.losses import aggregate
 from rlvr_entropy.methods import LossBatch, RolloutBatch
 from rlvr_entropy.metrics import MetricsJsonlCallback, entropy_gap, entropy_summary, logp_adv_covariance, reduce_across
@@ -110,6 +112,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         self.pipeline.on_nonfinite = "skip"
         with vllm_backend.building_engine(args) as vllm_on_cpu:
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        check_engine(self.accelerator.distributed_type, self.accelerator.num_processes)  # launch.py
+        self._engine_checked = False  # again on the prepared model, at the first training step
         self._add_method_reward_columns()
         self._setup_rollout_stats(args, vllm_on_cpu)  # rollout.py
         self._loss_call: _LossCall | None = None
@@ -118,6 +122,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         # Run totals: logged on every training line, checkpointed.
         self._counters: dict[str, int] = {"reward/errors": 0, "reward/timeouts": 0, "guard/skipped_steps": 0}
         self._counters["data/skipped_rows"] = self._drop_bad_rows(args)
+        if isinstance(self.train_dataset, Dataset):
+            check_geometry(len(self.train_dataset), args, self.accelerator.num_processes)
         self._reward_stats = RewardStats()
         self.reward_funcs = [
             f if isinstance(f, torch.nn.Module) else sandboxed(f, args.reward_timeout, args.reward_sandbox, self._reward_stats)
@@ -343,8 +349,9 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             self._record(logp_adv_covariance(call.logps, inputs["advantages"], mask, self._reduce_sum))
             if self._log_gap and "rollout_entropy" in inputs:
                 self._record(entropy_gap(inputs["rollout_entropy"], call.entropies, mask, self._reduce_sum))
-        if call.metrics:
-            self._record(reduce_across(call.metrics, self.accelerator.gather, self.accelerator.device))
+        if self.pipeline.uses("token_loss"):  # loss-phase statistics; a process with none still takes part
+            self._record(reduce_across(call.metrics, self.accelerator.gather, self.accelerator.device,
+                                       gather_object if self.accelerator.num_processes > 1 else None))
         self._micro_step += 1
         flagged = GUARD_KEY in inputs and bool(inputs[GUARD_KEY] > 0)
         self.guard.check_micro_batch(self.pipeline.take_nonfinite(), flagged, loss, self.state.global_step + 1, training)
@@ -380,11 +387,16 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
     # 6. guards, and the run around them
 
     def training_step(self, model, inputs, num_items_in_batch):
+        if not self._engine_checked:  # `model` is the prepared one: the DeepSpeed engine, or FSDP's sharded model
+            check_engine(self.accelerator.distributed_type, self.accelerator.num_processes, wrapped_model=model)
+            self._engine_checked = True
         if not self.guard.is_open:  # first micro-batch of an optimizer step: what a skip must restore
             self.guard.open(self._restorer())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            self.guard.close(model.parameters(), self.state.global_step + 1)
+            # DeepSpeed has stepped inside the backward pass, or skipped the step for non-finite gradients.
+            engine_skipped = bool(getattr(model.optimizer, "overflow", False)) if self.is_deepspeed_enabled else None
+            self.guard.close(model.parameters(), self.state.global_step + 1, engine_skipped=engine_skipped)
         return loss
 
     def _restorer(self) -> Callable[[], None]:

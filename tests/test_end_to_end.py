@@ -253,3 +253,32 @@ def test_every_tiny_method_recipe_runs_and_logs_its_statistics(tiny_model_path, 
     assert logged, f"{method} logged no statistics"
     assert EXPECTED_STATISTICS.get(method, set()) <= logged, (method, sorted(logged))
     assert all(isinstance(r["entropy"], float) and isinstance(r["covariance/logp_adv"], float) for r in rows)
+
+
+def test_lora_run_with_composed_methods_trains_only_the_adapter(tiny_model_path, tmp_path):
+    """A recipe `peft:` section becomes TRL's peft_config: methods act on the LoRA policy, the base stays frozen."""
+    out = tmp_path / "lora"
+    methods = "[{name: steer}, {name: clip_cov, selection_scope: global, ratio: 0.2, lb: 0.0, ub: 100.0}]"
+    recipe = load_recipe(RECIPE, [*FAST, f"output_dir={out}", f"methods={methods}", "peft.r=4", "peft.lora_alpha=8",
+                                  "peft.target_modules=[q_proj, v_proj]", "epsilon=1.0", "epsilon_high=1.0"])
+    assert recipe.peft == {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    trainer = train(recipe)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    base = weights(Path(tiny_model_path))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+              if "lora_" not in n}
+    assert all(torch.equal(frozen[k], base[k]) for k in base if k in frozen)  # the base model did not move
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # the adapter did
+    logged = set().union(*read_metrics(out))
+    assert {"steer/mean_weight", "clip_cov/selected", "clip_cov/applied"} <= logged, sorted(logged)
+
+
+def test_a_peft_section_is_checked_before_anything_is_built(tmp_path):
+    from rlvr_entropy.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"unknown key 'peft.lora_alpa'.*Did you mean 'lora_alpha'"):
+        load_recipe(RECIPE, [f"output_dir={tmp_path}", "peft.lora_alpa=8"])
+    with pytest.raises(RecipeError, match=r"peft.r: expected an integer"):
+        load_recipe(RECIPE, [f"output_dir={tmp_path}", "peft.r=four"])

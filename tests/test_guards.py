@@ -10,6 +10,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -226,3 +227,38 @@ def test_generation_events_mark_the_batch_in_training_only():
     guard.open()
     guard.check_micro_batch([event], True, torch.tensor(float("nan")), step=1, training=False)
     assert guard.close([], step=1) is False  # nothing was flagged in evaluation
+
+
+def test_an_engine_that_skipped_for_non_finite_gradients_counts_and_restores():
+    """DeepSpeed checks the global gradient norm and skips the step itself; the guard records it the same way."""
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters)
+    restored = []
+    guard.open(lambda: restored.append(True))
+    assert guard.close([], step=3, engine_skipped=True) is True
+    assert counters == {"guard/skipped_steps": 1, "guard/nonfinite/grad": 1} and restored == [True]
+
+
+def test_an_engine_step_that_already_ran_is_counted_not_undone():
+    counters: dict[str, int] = {}
+    guard = StepGuard("skip", counters)
+    restored = []
+    guard.open(lambda: restored.append(True))
+    guard.check_micro_batch([NonFiniteEvent("m", "token weight", 3)], False, torch.tensor(1.0), step=3, training=True)
+    assert guard.close([], step=3, engine_skipped=False) is False
+    assert counters == {"guard/skipped_steps": 0, "guard/nonfinite/m": 3} and not restored
+
+
+def test_sharded_gradients_are_checked_on_the_local_shard():
+    class Shard:  # what a DTensor offers: its local part, without a collective
+        def __init__(self, local):
+            self.local = local
+
+        def to_local(self):
+            return self.local
+
+    params = [SimpleNamespace(grad=Shard(torch.tensor([1.0, float("nan")]))), SimpleNamespace(grad=torch.ones(2))]
+    guard = StepGuard("skip", {})
+    guard.open()
+    assert guard.close(params, step=1) is True
+    assert all(p.grad is None for p in params)

@@ -68,13 +68,40 @@ def test_entropy_gap_is_signed_train_minus_rollout():
 def test_reduce_across_processes_by_kind():
     local = {"m/a": (torch.tensor(1.0), "mean"), "m/b": (torch.tensor(2.0), "sum"),
              "m/c": (torch.tensor(3.0), "max"), "m/d": (torch.tensor(4.0), "min")}
-    peers = iter([[3.0], [5.0], [-1.0], [0.5]])  # another process's values: one gather per kind, in this order
+    # another process's values, one gather per kind in this order; a mean travels as (value * count, count)
+    peers = iter([[3.0, 1.0], [5.0], [-1.0], [0.5]])
 
     def gather(t: torch.Tensor) -> torch.Tensor:  # (1, n) -> (2, n)
         return torch.cat([t, torch.tensor([next(peers)])])
 
     assert reduce_across(local, gather) == {"m/a": 2.0, "m/b": 7.0, "m/c": 3.0, "m/d": 0.5}
     assert reduce_across(local, lambda t: t) == {"m/a": 1.0, "m/b": 2.0, "m/c": 3.0, "m/d": 4.0}
+
+
+def test_a_statistic_logged_on_one_process_only_is_reduced_over_those_that_have_it():
+    """Every process makes the same gathers even when one has nothing to report (else the collectives hang)."""
+    first = {"m/cov": (torch.tensor(2.0), "mean"), "m/n": (torch.tensor(3.0), "sum")}
+    second = {"m/n": (torch.tensor(4.0), "sum")}  # this process's micro-batch had no covariance to report
+
+    def as_seen_by(mine, peer):
+        calls = []
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # (1, n) -> (2, n): this process's row, then the peer's
+            keys = [["m/cov"], ["m/n"]][len(calls)]
+            calls.append(keys)
+            if keys == ["m/cov"]:  # a mean: (value * count, count), count 0 where the peer has no value
+                row = [float(peer["m/cov"][0]), 1.0] if "m/cov" in peer else [0.0, 0.0]
+            else:
+                row = [float(peer[k][0]) if k in peer else float("nan") for k in keys]
+            return torch.cat([t, torch.tensor([row])])
+
+        kinds = {k: r for k, (_, r) in peer.items()}
+        return reduce_across(mine, gather, gather_objects=lambda objs: [*objs, kinds]), calls
+
+    out1, calls1 = as_seen_by(first, second)
+    out2, calls2 = as_seen_by(second, first)
+    assert out1 == out2 == {"m/cov": 2.0, "m/n": 7.0}
+    assert calls1 == calls2 == [["m/cov"], ["m/n"]]  # the same collectives on both processes
 
 
 def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
@@ -84,3 +111,15 @@ def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
     assert truncate_metrics(str(path), 2) == 3
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
     assert truncate_metrics(str(tmp_path / "missing.jsonl"), 2) == 0
+
+
+def test_a_mean_with_counts_is_the_mean_over_every_item_of_every_process():
+    here = {"m/w": (torch.tensor(1.0), "mean", torch.tensor(3.0))}  # mean 1.0 over 3 tokens here
+    peer = torch.tensor([[2.0 * 1.0, 1.0]])  # the other process: mean 2.0 over 1 token, as (value * count, count)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, peer])
+
+    assert reduce_across(here, gather) == {"m/w": pytest.approx((3 * 1.0 + 1 * 2.0) / 4)}
+    unweighted = {"m/w": (torch.tensor(1.0), "mean")}  # no count: each process counts once
+    assert reduce_across(unweighted, lambda t: torch.cat([t, torch.tensor([[2.0, 1.0]])])) == {"m/w": 1.5}

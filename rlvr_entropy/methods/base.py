@@ -289,7 +289,7 @@ class LossBatch(_MethodScope):
     kl_coef: float = 0.0  # TRL's beta: its loss already holds beta * kl() per token
     bias_correction_kl: bool = False  # TRL's use_bias_correction_kl
     carried: dict[str, Tensor] = field(default_factory=dict)  # from RolloutBatch.carry, this micro-batch's rows
-    metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
+    metrics: dict[str, tuple[Tensor, str, Tensor]] = field(default_factory=dict)  # (value, reduce, count)
     _prefix: str = field(default="", repr=False)
 
     def has_carried(self, name: str) -> bool:
@@ -336,10 +336,17 @@ class LossBatch(_MethodScope):
         key = (self.seed, self.step, self.micro_step, salt, self.process_index if per_process else -1)
         return torch.Generator().manual_seed(stable_hash(key))
 
-    def log(self, name: str, value: float | Tensor, reduce: Literal["mean", "sum", "max", "min"] = "mean") -> None:
-        """Log ``<method>/<name>``; local values are reduced across processes with ``reduce``."""
+    def log(self, name: str, value: float | Tensor, reduce: Literal["mean", "sum", "max", "min"] = "mean",
+            count: float | Tensor | None = None) -> None:
+        """Log ``<method>/<name>``; local values are reduced across processes with ``reduce``.
+
+        ``count`` (with ``reduce="mean"``): how many items ``value`` is the mean of, e.g. this micro-batch's valid
+        tokens. Processes are then weighted by it, so the logged value is the mean over every item of every
+        process, the same on 1 and N processes; without it each process counts once.
+        """
         value = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-        self.metrics[self.key(name)] = (value.reshape(()), reduce)
+        weight = count.detach().float() if isinstance(count, Tensor) else torch.tensor(1.0 if count is None else float(count))
+        self.metrics[self.key(name)] = (value.reshape(()), reduce, weight.reshape(()).to(value.device))
 
 
 @dataclass

@@ -11,8 +11,10 @@ and H the behaviour policy's entropy at that position:
 - linear mapping: w = clamp(lambda_max - (|Omega| - min|Omega|)(lambda_max - lambda_min) /
   (max|Omega| - min|Omega|), lambda_min, lambda_max), and (lambda_min + lambda_max) / 2 when all |Omega| are equal.
 
-max/min over the valid tokens of the loss micro-batch (the reference scope). The weight multiplies the
-token's clipped policy-gradient term; the normaliser still counts every valid token.
+max/min over the valid tokens of the loss micro-batch (the reference scope, ``normalizer_scope: micro_batch``),
+or over the same micro-step's micro-batches of all processes (``global``: one gather of two numbers; the
+same weights on 1 and N processes). The weight multiplies the token's clipped policy-gradient term; the
+normaliser still counts every valid token.
 Reference impl: zz-haooo/STEER ``compute_token_weights`` (verl/trainer/ppo/core_algos.py).
 
 Deviations: follows the official code where it differs from the paper (no clipping indicator in
@@ -46,15 +48,24 @@ def steer_omega(logp: Tensor, old_logp: Tensor, adv: Tensor, entropy: Tensor) ->
     return torch.where(torch.isfinite(omega), omega, torch.zeros_like(omega))
 
 
+def magnitude_bounds(omega: Tensor, mask: Tensor) -> Tensor:
+    """(max, min) of |Omega| over the valid tokens, (2,); (-inf, inf) when there is none."""
+    mag = omega.abs().float()
+    valid = mask > 0
+    return torch.stack([mag.masked_fill(~valid, -math.inf).max(), mag.masked_fill(~valid, math.inf).min()])
+
+
 def steer_weights(
-    omega: Tensor, mask: Tensor, mapping: Literal["exp", "linear"], weight_min: float, weight_max: float
+    omega: Tensor, mask: Tensor, mapping: Literal["exp", "linear"], weight_min: float, weight_max: float,
+    bounds: Tensor | None = None,
 ) -> Tensor:
-    """Token weights (B, T) from Omega; 0 on padding."""
+    """Token weights (B, T) from Omega; 0 on padding. ``bounds``: (max, min) of |Omega| over a wider scope
+    than this micro-batch (``normalizer_scope: global``); by default this micro-batch's."""
     valid = mask > 0
     mag = omega.abs()
     if not bool(valid.any()):
         return torch.zeros_like(mag)
-    hi, lo = mag[valid].max(), mag[valid].min()
+    hi, lo = magnitude_bounds(omega, mask) if bounds is None else bounds
     if mapping == "exp":
         kappa = -math.log(weight_min) / torch.clamp(hi, min=OMEGA_FLOOR)
         w = torch.exp(-kappa * mag).clamp(weight_min, 1.0)
@@ -76,6 +87,9 @@ class Steer(Method):
     weight_min: float = 0.8  # lambda_min
     weight_max: float = 1.0  # lambda_max (linear mapping; the paper's linear runs use 1.2)
     use_clip_indicator: bool = False  # the paper's Omega (0 for PPO-clipped tokens) instead of the code's
+    # max/min |Omega| over this process's loss micro-batch (the reference: results change with the number of
+    # processes), or over the same micro-step's micro-batches of every process (the same on 1 and N processes)
+    normalizer_scope: Literal["micro_batch", "global"] = "micro_batch"
 
     def validate(self) -> None:
         if not 0.0 < self.weight_min <= 1.0:
@@ -89,11 +103,17 @@ class Steer(Method):
         omega = steer_omega(batch.logps, batch.old_logps, batch.advantages, batch.rollout_entropy)
         if self.use_clip_indicator:
             omega = omega.masked_fill(batch.ppo_clipped(), 0.0)
-        w = steer_weights(omega, batch.mask, self.mapping, self.weight_min, self.weight_max)
+        bounds = None
+        if self.normalizer_scope == "global":  # every process takes part, with or without valid tokens
+            local = magnitude_bounds(omega, batch.mask) * torch.tensor([1.0, -1.0], device=omega.device)  # (max, -min)
+            both = batch.gather(local.view(1, 2)).amax(0)  # (2,)
+            bounds = both * torch.tensor([1.0, -1.0], device=both.device)
+        w = steer_weights(omega, batch.mask, self.mapping, self.weight_min, self.weight_max, bounds)
         valid = batch.mask > 0
         if bool(valid.any()):
-            batch.log("mean_weight", w[valid].mean())
+            count = valid.sum()  # token means weighted by tokens: the same statistic on 1 and N processes
+            batch.log("mean_weight", w[valid].mean(), count=count)
             batch.log("min_weight", w[valid].min(), reduce="min")
-            batch.log("frac_below_0.9", (w[valid] < 0.9).float().mean())
-            batch.log("mean_abs_omega", omega.abs()[valid].mean())
+            batch.log("frac_below_0.9", (w[valid] < 0.9).float().mean(), count=count)
+            batch.log("mean_abs_omega", omega.abs()[valid].mean(), count=count)
         return TokenTerms(weight=w)

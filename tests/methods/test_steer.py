@@ -8,7 +8,7 @@ from helpers.cov_example import loss_batch
 
 from rlvr_entropy.config import build_method
 from rlvr_entropy.methods import MethodConfigError
-from rlvr_entropy.methods.steer import steer_omega, steer_weights
+from rlvr_entropy.methods.steer import magnitude_bounds, steer_omega, steer_weights
 
 A = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-0.5, -0.5, -0.5, -0.5]])
 P = torch.tensor([[0.95, 0.50, 0.10, 0.70], [0.90, 0.30, 0.60, 0.99]])
@@ -72,3 +72,23 @@ def test_validation():
         build_method({"name": "steer", "weight_min": 0.0})
     with pytest.raises(MethodConfigError, match="weight_max"):
         build_method({"name": "steer", "mapping": "linear", "weight_min": 0.9, "weight_max": 0.8})
+
+
+def test_global_normalizer_gives_each_process_the_weights_of_the_whole_micro_step():
+    """Rows split over two processes: with normalizer_scope global each half gets the weights of the whole."""
+    whole = steer_weights(omega(), M, "linear", 0.8, 1.2)
+    halves = []
+    for rows in ([0], [1]):
+        other = [1 - rows[0]]
+        peer = magnitude_bounds(omega()[other], M[other]) * torch.tensor([1.0, -1.0])
+
+        def gather(t, peer=peer):  # (1, 2) -> (2, 2): this process's (max, -min), then the other's
+            return torch.cat([t, peer.view(1, 2)])
+
+        method = build_method({"name": "steer", "mapping": "linear", "weight_max": 1.2, "normalizer_scope": "global"})
+        batch = loss_batch(logp=P.log()[rows], old=P_OLD.log()[rows], adv=A[rows], rollout_entropy=H[rows])
+        batch.mask, batch.gather = M[rows], gather
+        halves.append(method.token_loss(batch).weight)
+    assert torch.allclose(torch.cat(halves), whole, atol=1e-6)
+    local = steer_weights(omega()[[1]], M[[1]], "linear", 0.8, 1.2)
+    assert not torch.allclose(local, whole[[1]], atol=1e-3)  # the per-process scope differs: the test can tell
