@@ -36,10 +36,10 @@ Per loss micro-batch, inside TRL's ``_compute_loss``:
 Throughout:
 
 6. guards      the launch produced the processes, sharding engine and batch geometry it asked for
-               (``launch.py``); a NaN/inf from a method's hook, TRL's loss or the gradients skips the optimizer step(s)
-               that would use it on every process together and restores the methods' state
-               (``guards.py``, ``on_nonfinite``); bad dataset rows are dropped or refused before training
-               (``data.py``, ``bad_rows``).
+               (``launch.py``); a NaN/inf from a method's hook, TRL's loss or the gradients skips the
+               optimizer step(s) that would use it on every process together and restores the methods'
+               state (``guards.py``, ``on_nonfinite``); bad dataset rows are dropped or refused before
+               training (``data.py``, ``bad_rows``).
 7. state       each method's JSON state, the run totals, TRL's micro-step counter and, for a save inside a
                generation cycle, the buffered generation batch are saved in every checkpoint, which is
                staged and renamed once complete: a resumed run repeats the uninterrupted one exactly

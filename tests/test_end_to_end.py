@@ -270,7 +270,7 @@ def test_lora_run_with_composed_methods_trains_only_the_adapter(tiny_model_path,
     frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
               if "lora_" not in n}
     assert all(torch.equal(frozen[k], base[k]) for k in base if k in frozen)  # the base model did not move
-    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # the adapter did
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)  # it trained
     logged = set().union(*read_metrics(out))
     assert {"steer/mean_weight", "clip_cov/selected", "clip_cov/applied"} <= logged, sorted(logged)
 

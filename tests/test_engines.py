@@ -26,13 +26,16 @@ PORTS = {"ddp": 29611, "zero2": 29612, "zero3": 29613, "fsdp2": 29614}
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
-def launch(engine: str, tmp: Path, cache: Path, name: str, *overrides: str) -> Path:
+def launch(engine: str, tmp: Path, cache: Path, name: str, *overrides: str, nan_at: int | None = None,
+           train: list[str] = TRAIN) -> Path:
     out = tmp / name
     config = cpu_launch_config(engine, tmp)
     env = worker_env(cache=cache)
     env["RLVR_TEST_FSDP_CPU"] = "1" if engine == "fsdp2" else "0"
-    port = PORTS[engine] + (20 if overrides else 0)
-    proc = subprocess.run(accelerate_launch(config, port, RECIPE, out, *TRAIN, *overrides), env=env,
+    if nan_at is not None:
+        env["RLVR_TEST_NAN_AT"] = str(nan_at)
+    port = PORTS[engine] + (20 if overrides else 0) + (40 if nan_at is not None else 0)
+    proc = subprocess.run(accelerate_launch(config, port, RECIPE, out, *train, *overrides), env=env,
                           capture_output=True, text=True, timeout=420, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return out
@@ -79,3 +82,34 @@ def test_engine_trains_like_ddp_and_resumes_exactly(engine, ddp_run, tiny_model_
     assert max_diff(ours, again) == 0.0  # exact resume from a checkpoint inside a generation cycle
     logged = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [x["step"] for x in logged] == [2, 3]
+
+
+@pytest.mark.parametrize("engine", ["zero2", "fsdp2"])
+def test_non_finite_gradients_on_one_process_skip_the_step_everywhere(engine, tiny_model_path, tmp_path):
+    """Process 1 alone gets a NaN loss at step 2. FSDP2: each process checks its gradient shard, the flag is
+    all-reduced. DeepSpeed: its own check of the global gradient norm skips the step inside the backward pass, and
+    the guard counts it. Either way no process moves at step 2, both move at step 3, and both count one skip."""
+    train = ["max_steps=3", "per_device_train_batch_size=8", "num_generations=4", "steps_per_generation=1",
+             "data.num_prompts=64", "learning_rate=1e-4"]
+    out = launch(engine, tmp_path, Path(tiny_model_path).parent, "guard", nan_at=1, train=train)
+    ranks = [json.loads((out / f"guard{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        first, second, third = r["checksums"]
+        assert second == first != third  # step 2 skipped on this process too, step 3 trained
+        assert r["counters"]["guard/skipped_steps"] == 1
+        assert r["counters"]["guard/nonfinite/grad"] >= 1
+
+
+def test_lora_under_zero3_trains_only_the_adapter(tiny_model_path, tmp_path):
+    """A recipe `peft:` section under ZeRO-3 with every parameter partitioned: the adapter trains, the base does not."""
+    train = ["max_steps=2", "per_device_train_batch_size=8", "num_generations=4", "steps_per_generation=1",
+             "data.num_prompts=64", "peft.r=4", "peft.lora_alpha=8", "peft.target_modules=[q_proj, v_proj]"]
+    out = launch("zero3", tmp_path, Path(tiny_model_path).parent, "lora", train=train)
+    info = json.loads((out / "engine0.json").read_text())
+    assert info["type"] == "DeepSpeedEngine" and info["local_elements"] < 0.6 * info["full_elements"]
+    final, start = weights(out), load_file(str(Path(tiny_model_path) / "model.safetensors"))
+    adapter = {k: v for k, v in final.items() if "lora_" in k}
+    assert adapter and max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0  # B starts at 0
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in final.items() if "lora_" not in k}
+    assert all(torch.equal(base[k], start[k].float()) for k in start if k in base)
+    assert len([k for k in start if k in base]) == len(start)

@@ -255,3 +255,52 @@ def test_engine_overrides_apply_only_while_trl_builds_and_are_undone() -> None:
     finally:
         vg.LLM = real_llm
     assert engine_max_logprobs(20) is None and engine_max_logprobs(-1) == -1
+
+
+def train_on_two_processes(tmp_path: Path, out: Path, *overrides: str, tiny: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m rlvr_entropy train recipes/tiny/canon.yaml ...` in this environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLVR_ENTROPY_CACHE": str(tiny.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rlvr_entropy",
+           "train", str(REPO / "recipes/tiny/canon.yaml"), *FAST, f"output_dir={out}", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+def test_grpo_server_with_two_trainer_processes(vllm_server: int, untied_model_path: Path, tiny_model_path: Path,
+                                                tmp_path: Path) -> None:
+    """One `trl vllm-serve`, two trainer processes: the main process syncs the weights for both, every rank's
+    completions come from the synced server, and the estimate is logged against both ranks' training pass."""
+    out = tmp_path / "server2"
+    train_on_two_processes(tmp_path, out, "vllm_mode=server", f"vllm_server_base_url=http://127.0.0.1:{vllm_server}",
+                           f"model.name_or_path={untied_model_path}", "vllm_entropy_topk=-1", tiny=tiny_model_path)
+    last = check_run(out, max_gap=1e-3)
+    both_ranks_synced(out)
+    print({k: v for k, v in last.items() if k.startswith(("rollout_entropy", "sampling/", "canon/"))})
+
+
+def both_ranks_synced(out: Path) -> None:
+    """TRL logs the largest sampling log-prob difference of all processes: small on both steps means the weights
+    each rank's completions came from were the trained ones on every rank (the learning rate moves them)."""
+    for r in (r for r in read_metrics(out) if "loss" in r):
+        assert r["sampling/sampling_logp_difference/max"] < 1e-3, r
+
+
+def test_grpo_colocate_with_two_trainer_processes(tiny_model_path: Path, tmp_path: Path) -> None:
+    """Each trainer process drives its own colocated engine and syncs its own weights into it."""
+    out = tmp_path / "colocate2"
+    train_on_two_processes(tmp_path, out, "vllm_mode=colocate", tiny=tiny_model_path)
+    last = check_run(out, max_gap=0.2)
+    both_ranks_synced(out)
+    print({k: v for k, v in last.items() if k.startswith(("rollout_entropy", "sampling/", "canon/"))})
+
+
+def test_gpu_check_cpu_tiny_measures_vllm_top20_cost_and_gap(tmp_path: Path) -> None:
+    """scripts/gpu_check.py's vLLM section on this CPU: the same code a GPU run takes."""
+    out = tmp_path / "check"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu", "--tiny", "--out", str(out),
+                           "--methods", "steer", "--rounds", "1"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    vllm = json.loads((out / "gpu_check.json").read_text())["meta"]["vllm"]
+    assert vllm["generate_s_logprobs0"] > 0 and vllm["top20_ratio"] > 0
+    assert vllm["entropy_gap_mean"] >= 0  # a lower bound: the training pass's exact entropy is never below it

@@ -25,16 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import (
-    GenerateFn,
-    LossBatch,
-    Method,
-    MethodConfigError,
-    Rollout,
-    RolloutBatch,
-    RolloutContext,
-    TokenTerms,
-)
+from rlvr_entropy.methods.base import (GenerateFn, LossBatch, Method, MethodConfigError, Rollout, RolloutBatch,
+                                       RolloutContext, TokenTerms)
 
 
 class NonFiniteError(FloatingPointError):

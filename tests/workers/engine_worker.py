@@ -4,7 +4,9 @@ final weights as one full state dict (``OUT/final_weights.pt``, main process), g
     accelerate launch --config_file CFG engine_worker.py RECIPE OUT [key=value ...]
 
 With ``RLVR_TEST_FSDP_CPU=1`` the test-only FSDP shim (``fsdp_cpu_shim.py``) is installed first: accelerate
-turns an FSDP config into FSDP on GPUs only, and these tests run on CPU processes.
+turns an FSDP config into FSDP on GPUs only, and these tests run on CPU processes. With ``RLVR_TEST_NAN_AT=STEP``
+TRL's loss turns NaN on process 1 alone at that (0-based) global step, and every rank writes ``guard<rank>.json``:
+a checksum of the parameters it holds after each step, and the run totals.
 """
 
 from __future__ import annotations
@@ -57,12 +59,48 @@ class FullWeights(TrainerCallback):
             torch.save({k: v.detach().float().cpu() for k, v in weights.items()}, self.path)
 
 
+class Checksums(TrainerCallback):
+    """After each optimizer step: the sum of the parameters this process holds (its shard under ZeRO-3/FSDP2)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.sums: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = 0.0
+        for p in self.trainer.model_wrapped.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if hasattr(p, "to_local") else p
+            total += float(local.detach().double().sum())
+        self.sums.append(total)
+
+
+def nan_loss_on_process_1(step: int) -> None:
+    from trl import GRPOTrainer
+
+    original = GRPOTrainer._compute_loss
+
+    def compute_loss(self, model, inputs):
+        loss = original(self, model, inputs)
+        bad = self.state.global_step == step and self.accelerator.process_index == 1
+        return loss * float("nan") if bad else loss
+
+    GRPOTrainer._compute_loss = compute_loss
+
+
 def main() -> None:
     recipe_path, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    nan_at = os.environ.get("RLVR_TEST_NAN_AT")
+    if nan_at is not None:
+        nan_loss_on_process_1(int(nan_at))
     recipe = load_recipe(recipe_path, [f"output_dir={out}", *overrides])
     trainer = build_trainer(recipe)
     trainer.add_callback(FullWeights(trainer, out / "final_weights.pt"))
+    checksums = Checksums(trainer)
+    trainer.add_callback(checksums)
     trainer.train(resume_from_checkpoint=recipe.train.resume_from_checkpoint)
+    if nan_at is not None:
+        rank = trainer.accelerator.process_index
+        (out / f"guard{rank}.json").write_text(json.dumps({"checksums": checksums.sums, "counters": trainer._counters}))
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
