@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.guard_methods import BAD_STEP
 from helpers.processes import torchrun, worker_env
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from rlvr_entropy.config import load_recipe
 from rlvr_entropy.guards import StepGuard
-from rlvr_entropy.methods import Method, TokenTerms
 from rlvr_entropy.methods.pipeline import NonFiniteError, NonFiniteEvent
 from rlvr_entropy.runner import build_trainer
 
@@ -28,41 +27,6 @@ HERE = Path(__file__).parent
 RECIPE = HERE.parent / "recipes" / "tiny" / "grpo.yaml"
 FAST = ["per_device_train_batch_size=16", "steps_per_generation=1", "num_generations=4", "data.num_prompts=64",
         "learning_rate=1e-4", "reward_sandbox=none"]
-BAD_STEP = 1  # global step (0-based) whose generation batch / loss turns non-finite: the 2nd optimizer step
-
-
-@dataclass
-class NaNAdvantage(Method):
-    """Counts generation batches in its state; NaN advantages on the batch of BAD_STEP."""
-
-    name = "nan_advantage"
-
-    def init_state(self):
-        return {"batches": 0}
-
-    def advantage(self, advantages, batch):
-        if batch.training:
-            self.state["batches"] += 1
-        return advantages * float("nan") if batch.step == BAD_STEP else advantages
-
-
-@dataclass
-class InfWeight(Method):
-    name = "inf_weight"
-    rank: int = -1  # -1: every process
-
-    def token_loss(self, batch):
-        bad = batch.step == BAD_STEP and self.rank in (-1, batch.process_index)
-        return TokenTerms(weight=torch.full_like(batch.mask, float("inf") if bad else 1.0))
-
-
-@dataclass
-class NaNExtra(Method):
-    name = "nan_extra"
-
-    def token_loss(self, batch):
-        value = float("nan") if batch.step == BAD_STEP else 0.0
-        return TokenTerms(extra=batch.logps * 0.0 + value)
 
 
 class ParamsPerStep(TrainerCallback):
@@ -90,9 +54,9 @@ def same(a, b):
 
 
 @pytest.mark.parametrize(("method", "counter"), [
-    ("test_guards.NaNAdvantage", "guard/nonfinite/nan_advantage"),
-    ("test_guards.InfWeight", "guard/nonfinite/inf_weight"),
-    ("test_guards.NaNExtra", "guard/nonfinite/nan_extra"),
+    ("helpers.guard_methods.NaNAdvantage", "guard/nonfinite/nan_advantage"),
+    ("helpers.guard_methods.InfWeight", "guard/nonfinite/inf_weight"),
+    ("helpers.guard_methods.NaNExtra", "guard/nonfinite/nan_extra"),
 ], ids=["advantage", "token_weight", "extra_term"])
 def test_non_finite_method_output_skips_the_step(tiny_model_path, tmp_path, caplog, method, counter):
     trainer, params, rows = run(tmp_path, [f"methods=[{{name: {method}}}]"])
@@ -127,8 +91,8 @@ def test_non_finite_trl_loss_skips_the_step(tiny_model_path, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize(("method", "message"), [
-    ("test_guards.NaNAdvantage", "step 2: method 'nan_advantage' produced 16 non-finite value.* advantage hook"),
-    ("test_guards.InfWeight", "step 2: method 'inf_weight' produced .* token weight hook"),
+    ("helpers.guard_methods.NaNAdvantage", "step 2: method 'nan_advantage' produced 16 non-finite value.* advantage hook"),
+    ("helpers.guard_methods.InfWeight", "step 2: method 'inf_weight' produced .* token weight hook"),
 ], ids=["advantage", "token_weight"])
 def test_on_nonfinite_raise_stops_with_the_method_name(tiny_model_path, tmp_path, method, message):
     with pytest.raises(NonFiniteError, match=message):

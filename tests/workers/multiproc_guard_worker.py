@@ -33,7 +33,7 @@ def main() -> None:
     trainer = build_trainer(load_recipe(recipe, [
         "max_steps=3", "per_device_train_batch_size=8", "steps_per_generation=1", "num_generations=4",
         "learning_rate=1e-4", f"output_dir={out / 'run'}", "reward_timeout=5",
-        "methods=[{name: test_guards.InfWeight, rank: 1}]",
+        "methods=[{name: helpers.guard_methods.InfWeight, rank: 1}]",
         "rewards=[correctness, multiproc_guard_worker.raise_on_plus]",
     ]))
     seen = {"plus": 0}
