@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from rlvr_entropy.config import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -79,8 +81,6 @@ def required_columns(func: RewardFn) -> set[str]:
 
 def columns_read(funcs: list[Any], names: list[str]) -> dict[str, list[str]]:
     """``{dataset column: [names of the reward functions that read it]}`` (reward models read none)."""
-    import torch
-
     required: dict[str, list[str]] = {}
     for func, name in zip(funcs, names, strict=False):
         if not isinstance(func, torch.nn.Module):
