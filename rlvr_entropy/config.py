@@ -37,6 +37,7 @@ from trl import GRPOConfig
 from rlvr_entropy.losses import LOSS_TYPES
 from rlvr_entropy.methods import METHODS, Method, MethodConfigError, Pipeline
 from rlvr_entropy.registry import closest
+from rlvr_entropy.rollout_stats import SOURCES
 
 # Closed sets of values for options that TRL itself validates only mid-run (and this package's own).
 CHOICES: dict[str, tuple] = {
@@ -164,7 +165,7 @@ class EntropyGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.rollout_stats_source not in ("auto", "generate", "vllm", "forward"):
+        if self.rollout_stats_source not in ("auto", *SOURCES):
             raise ValueError(
                 "rollout_stats_source must be 'auto', 'generate', 'vllm' or 'forward', "
                 f"got {self.rollout_stats_source!r}"
@@ -311,7 +312,7 @@ def load_recipe(
 
 
 # Errors transformers raises in TrainingArguments.__post_init__ when this machine lacks what the config asks for.
-HARDWARE_ERRORS = ("doesn't support bf16/gpu", "requires a GPU", "requires a cuda", "requires CUDA")
+HARDWARE_ERRORS = ("doesn't support bf16/gpu",)
 
 
 def _raised_in(err: BaseException, package: str) -> bool:

@@ -14,8 +14,8 @@ Three sources produce the same per-token numbers:
   continuous batching, tool loops or a custom ``rollout_func``). When TRL already runs its old-logp
   forward for the batch, that pass is reused.
 
-Which source a run uses is :func:`resolve_source`'s answer; the trainer (``trainer.py``, steps 1-2 of
-its hook order) wires the chosen one into TRL's generation.
+Which source a run uses is :func:`resolve_source`'s answer; ``rollout.py`` (steps 1-2 of the trainer's
+hook order) wires the chosen one into TRL's generation.
 
 Both describe the temperature-scaled distribution ``softmax(logits / T_train)`` over the full
 vocabulary, i.e. the same distribution the training pass scores; sampling-time truncation (top-p,
