@@ -176,6 +176,90 @@ def method_stat_keys(rows: Sequence[Row], methods: Iterable[str]) -> dict[str, l
 
 
 # --------------------------------------------------------------------------------------------------
+# Evaluation during training (``eval/<dataset>/<figure>``, written by periodic_eval.py)
+
+EVAL = "eval/"
+
+
+def eval_datasets(rows: Sequence[Row]) -> list[str]:
+    """The datasets a run evaluated on during training, in first-logged order."""
+    names: list[str] = []
+    for row in rows:
+        for key in row:
+            if key.startswith(EVAL) and key.count("/") >= 2:
+                name = key.split("/")[1]
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def eval_k(rows: Sequence[Row], dataset: str) -> int | None:
+    """The largest k of the ``pass@k`` the run logged for ``dataset`` (None if it logged none above 1)."""
+    ks = {int(key.rsplit("@", 1)[1]) for row in rows for key in row
+          if key.startswith(f"{EVAL}{dataset}/pass@") and key.rsplit("@", 1)[1].isdigit()}
+    ks.discard(1)
+    return max(ks) if ks else None
+
+
+def pass_curve(rows: Sequence[Row], dataset: str) -> tuple[list[int], list[float], list[float], int | None]:
+    """Steps at which ``dataset`` was evaluated, its pass@1 and pass@k there, and k."""
+    k = eval_k(rows, dataset)
+    if k is None:
+        return [], [], [], None
+    steps, p1, pk = paired(rows, f"{EVAL}{dataset}/pass@1", f"{EVAL}{dataset}/pass@{k}")
+    return steps, p1, pk, k
+
+
+@dataclass(frozen=True)
+class Tradeoff:
+    """pass@1 against pass@k over a run's evaluations: did pass@k hold while pass@1 rose?"""
+
+    label: str
+    dataset: str
+    k: int
+    steps: list[int]
+    pass1: list[float]
+    passk: list[float]
+
+    @property
+    def delta_pass1(self) -> float:
+        return self.pass1[-1] - self.pass1[0]
+
+    @property
+    def delta_passk(self) -> float:
+        return self.passk[-1] - self.passk[0]
+
+
+def run_tradeoff(run: Run, dataset: str | None = None) -> Tradeoff:
+    """The run's pass@1/pass@k trajectory on ``dataset`` (default: its first eval dataset)."""
+    names = eval_datasets(run.rows)
+    if not names:
+        raise AnalysisError("the run logged no evaluation (add an `eval` section to its recipe)")
+    dataset = dataset or names[0]
+    if dataset not in names:
+        raise AnalysisError(f"the run did not evaluate on '{dataset}'; it evaluated on {names}")
+    steps, p1, pk, k = pass_curve(run.rows, dataset)
+    if k is None or len(steps) < 1:
+        raise AnalysisError(f"the run logged no pass@k above k = 1 on '{dataset}' (eval.k >= 2)")
+    return Tradeoff(label=run.label, dataset=dataset, k=k, steps=steps, pass1=p1, passk=pk)
+
+
+def tradeoff_table(tradeoffs: Sequence[Tradeoff]) -> str:
+    """Per run: pass@1 and pass@k at the first and last evaluation, and their changes."""
+    header = ["run", "dataset", "evals", "pass@1 first", "pass@1 last", "d pass@1", "pass@k first", "pass@k last",
+              "d pass@k"]
+    rows = [[t.label, f"{t.dataset} (k={t.k})", str(len(t.steps)), f"{t.pass1[0]:.3f}", f"{t.pass1[-1]:.3f}",
+             f"{t.delta_pass1:+.3f}", f"{t.passk[0]:.3f}", f"{t.passk[-1]:.3f}", f"{t.delta_passk:+.3f}"]
+            for t in tradeoffs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+    return "\n".join([line(header), *(line(r) for r in rows)]) + (
+        "\n\nfirst/last: the run's first and last evaluation during training (eval section); an entropy method "
+        "claims to keep pass@k from falling while pass@1 rises"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Small statistics
 
 
@@ -394,6 +478,13 @@ class RunSummary:
     entropy_min: float | None
     mean_length: float | None
     wall_time: float | None       # seconds, from TRL's train_runtime; None while running
+    # Evaluation during training on the run's first eval dataset: last and best logged values (None: none).
+    eval_dataset: str | None = None
+    eval_k: int | None = None
+    eval_pass1_final: float | None = None
+    eval_pass1_best: float | None = None
+    eval_passk_final: float | None = None
+    eval_passk_best: float | None = None
 
 
 def summarize_run(run: Run, window: int = 5) -> RunSummary:
@@ -407,6 +498,13 @@ def summarize_run(run: Run, window: int = 5) -> RunSummary:
     if run.final is not None:
         last_step = max(last_step, int(run.final.get("step", 0)))
     runtime = run.final.get("train_runtime") if run.final is not None else None
+    names = eval_datasets(rows)
+    evals: dict[str, Any] = {}
+    if names:
+        _, p1, pk, k = pass_curve(rows, names[0])
+        if p1:
+            evals = {"eval_dataset": names[0], "eval_k": k, "eval_pass1_final": p1[-1], "eval_pass1_best": max(p1),
+                     "eval_passk_final": pk[-1], "eval_passk_best": max(pk)}
     return RunSummary(
         label=run.label,
         steps=last_step,
@@ -419,6 +517,7 @@ def summarize_run(run: Run, window: int = 5) -> RunSummary:
         entropy_min=min(ent_means) if ent_means else None,
         mean_length=mean(length) if length else None,
         wall_time=float(runtime) if isinstance(runtime, int | float) else None,
+        **evals,
     )
 
 
@@ -433,34 +532,46 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _cells(s: RunSummary) -> list[str]:
+EVAL_COLUMNS = ["eval p@1 end", "eval p@1 best", "eval p@k end", "eval p@k best"]
+
+
+def _cells(s: RunSummary, with_eval: bool = False) -> list[str]:
     def num(v: float | None, digits: int = 3) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
-    return [
+    cells = [
         s.label, f"{s.steps}" + ("" if s.finished else "*"),
         num(s.final), num(s.best), num(s.entropy_start), num(s.entropy_end), num(s.entropy_min),
         num(s.mean_length, 2), format_duration(s.wall_time),
     ]
+    if with_eval:
+        cells += [num(s.eval_pass1_final), num(s.eval_pass1_best), num(s.eval_passk_final), num(s.eval_passk_best)]
+    return cells
 
 
 def compare_table(summaries: Sequence[RunSummary], *, markdown: bool = False, window: int = 5) -> str:
     """The runs side by side, as aligned text or a Markdown table, with a note saying what each
-    column is (which key "acc" is, what the windows are)."""
-    rows = [_cells(s) for s in summaries]
+    column is (which key "acc" is, what the windows are); eval columns when a run evaluated during training."""
+    with_eval = any(s.eval_dataset is not None for s in summaries)
+    columns = COLUMNS + (EVAL_COLUMNS if with_eval else [])
+    rows = [_cells(s, with_eval) for s in summaries]
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(COLUMNS))) + "|"]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "--:" for i in range(len(columns))) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     else:
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
-        lines = [fmt(COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines = [fmt(columns), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     keys = sorted({s.performance_key for s in summaries})
     note = (
         f"acc = {' / '.join(keys)}; H = training-pass token entropy (nats); final/end and start: mean of the "
         f"last/first {window} logged values, best/min: over every {window} consecutive values; "
         "wall time: TRL's train_runtime"
     )
+    if with_eval:
+        evals = sorted({f"{s.eval_dataset} (k={s.eval_k})" for s in summaries if s.eval_dataset is not None})
+        note += (f"; eval p@1 / p@k: pass@1 and pass@k of the evaluation during training on {', '.join(evals)}, "
+                 "at its last evaluation (end) and its best")
     if any(not s.finished for s in summaries):
         note += "; * still running (or stopped before the end)"
     return "\n".join(lines) + "\n\n" + note

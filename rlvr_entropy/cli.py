@@ -1,4 +1,4 @@
-"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods and recipes, plot and analyse runs, evaluate.
+"""``rlvr-entropy``: train from a recipe, print a resolved recipe, list methods and recipes, plot and analyse runs, evaluate models.
 
 Works the same under ``torchrun`` / ``accelerate launch``: ``torchrun --nproc_per_node 2 -m rlvr_entropy
 train RECIPE.yaml``.
@@ -89,6 +89,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tradeoff(args: argparse.Namespace) -> int:
+    from rlvr_entropy.analysis import AnalysisError, run_tradeoff, tradeoff_table
+    from rlvr_entropy.plotting import save_figure, tradeoff_figure
+
+    done, refused = _analyse_each(args.runs, lambda run: run_tradeoff(run, args.dataset))
+    if done:
+        print(tradeoff_table([t for _, t in done]))
+        print(f"wrote {save_figure(tradeoff_figure([t for _, t in done]), args.output)}")
+    if refused:
+        raise AnalysisError("no pass@1 / pass@k trade-off for:\n  " + "\n  ".join(refused))
+    return 0
+
+
 def _analyse_each(runs: list[str], analyse):
     """``analyse(run)`` for each run directory: ``[(run, result)]`` and the refusals (``"dir: reason"``).
 
@@ -147,15 +160,109 @@ def _covariance(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rlvr_entropy.config import ModelSpec
-    from rlvr_entropy.runner import resolve_model
-    from rlvr_entropy.tiny import evaluate_accuracy
+    import json
 
-    model = resolve_model(ModelSpec(name_or_path=args.model), args.task)  # tiny: the model warm-started on --task
-    for temperature in args.temperature:
-        acc = evaluate_accuracy(model, args.task, args.num_prompts, temperature=temperature, seed=args.seed)
-        print(f"{args.model}: {args.task} accuracy {acc:.3f} ({args.num_prompts} held-out prompts, temperature {temperature})")
+    from rlvr_entropy.config import check_eval_numbers, parse_data_spec
+    from rlvr_entropy.evaluation import evaluate_dataset, format_table, report_json
+    from rlvr_entropy.periodic_eval import load_eval_rows
+
+    check_eval_numbers(args.k, args.samples, "--")
+    given = [parse_data_spec(d) for d in args.data] if args.data else None
+    reports = []
+    from rlvr_entropy.runner import check_model_source
+
+    for name in args.models:
+        if name != "tiny":
+            check_model_source(name, "model")  # a missing directory first, whatever else is wrong
+        recipe = _run_recipe(name)
+        data = given or _default_eval_data(name, recipe)
+        rows = [(spec, load_eval_rows(spec, args.num_prompts)) for spec in data]  # bad data stops before the model
+        sampler, model_path = _eval_sampler(name, data, args)
+        for spec, dataset in rows:
+            report = evaluate_dataset(
+                sampler, dataset, spec.name, samples=args.samples or args.k, k=args.k,
+                max_new_tokens=_eval_budget(args.max_new_tokens, spec, recipe), batch_size=args.batch_size,
+                seed=args.seed, progress=not args.no_progress,
+            )
+            reports.append((name, report))
+    print(format_table(reports, markdown=args.markdown))
+    if args.backend == "vllm":
+        print(f"note: entropy from vLLM's top-{args.vllm_topk} log-probs, a lower bound on the exact entropy")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "json", "markdown", "no_progress")}
+        payload = report_json(reports, settings, save_samples=args.save_samples)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0
+
+
+def _run_recipe(name: str):
+    """The recipe a run directory (or one of its checkpoints) was trained with, if it saved one."""
+    from rlvr_entropy.config import RecipeError, load_recipe
+
+    path = Path(name)
+    for candidate in (path / "recipe.yaml", path.parent / "recipe.yaml"):
+        if candidate.is_file():
+            try:
+                return load_recipe(candidate, hardware_checks=False)
+            except RecipeError:
+                return None  # written by another version: evaluate without its defaults
+    return None
+
+
+def _default_eval_data(name: str, recipe) -> list:
+    """Without --data: the run's eval datasets, else its task's held-out split; ``tiny``: task:arithmetic."""
+    from rlvr_entropy.config import RecipeError, parse_data_spec
+
+    if recipe is not None and recipe.evaluation is not None:
+        return recipe.evaluation.datasets
+    if recipe is not None and recipe.data.dataset is None and recipe.data.task:
+        return [parse_data_spec(f"task:{recipe.data.task}")]
+    if name == "tiny":
+        return [parse_data_spec("task:arithmetic")]
+    raise RecipeError(f"{name}: say what to evaluate on with --data (e.g. --data task:arithmetic, --data "
+                      "recipes/eval/math500.yaml, --data file.jsonl,prompt=question,answer=answer)")
+
+
+def _eval_budget(given: int | None, spec, recipe) -> int:
+    """Tokens per sample: --max-new-tokens, else a task's own budget, else the run's, else 1024."""
+    from rlvr_entropy.tasks import completion_budget
+
+    if given is not None:
+        return given
+    if spec.dataset is None and spec.task:
+        return completion_budget(spec.task)
+    if recipe is not None and recipe.train.max_completion_length:
+        return recipe.train.max_completion_length
+    return 1024
+
+
+def _eval_sampler(name: str, data: list, args: argparse.Namespace):
+    """The sampler of one model argument (``tiny``, a run, a checkpoint, a model directory or a hub id)."""
+    import torch
+
+    from rlvr_entropy.config import ModelSpec
+    from rlvr_entropy.evaluation import EvaluationError, HFSampler, VLLMSampler
+    from rlvr_entropy.runner import load_tokenizer, model_directory, resolve_model
+
+    if name == "tiny":  # the offline model, warm-started on the first task evaluated
+        task = next((d.task for d in data if d.dataset is None and d.task), "arithmetic")
+        model_path = resolve_model(ModelSpec(name_or_path="tiny"), task)
+    else:
+        model_path = model_directory(name, "model")
+    tokenizer = load_tokenizer(model_path, "model")
+    if args.backend == "vllm":
+        return VLLMSampler.build(model_path, tokenizer, args.temperature, args.top_p, topk=args.vllm_topk,
+                                 seed=args.seed), model_path
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto" if device == "cuda" else torch.float32)
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"model '{model_path}': cannot load it: {str(err).strip().splitlines()[0]}") from None
+    return HFSampler(model.to(device).eval(), tokenizer, args.temperature, args.top_p), model_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,22 +306,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="covariance.png")
     p.add_argument("--min-points", type=int, default=3)
     p.set_defaults(func=_covariance)
-    p = sub.add_parser("evaluate", help="sampling accuracy of a model (a run directory, or 'tiny') on a synthetic task")
-    p.add_argument("model")
-    p.add_argument("--task", default="arithmetic")
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="0 = greedy")
+    p = sub.add_parser("tradeoff", help="pass@1 against pass@k over each run's evaluations during training: "
+                       "did pass@k hold while pass@1 rose?")
+    p.add_argument("runs", nargs="+", help="run directories whose recipe had an eval section")
+    p.add_argument("-o", "--output", default="tradeoff.png")
+    p.add_argument("--dataset", help="eval dataset name (default: each run's first)")
+    p.set_defaults(func=_tradeoff)
+    p = sub.add_parser("evaluate", help="pass@k, maj@k, token entropy and length of models, runs or checkpoints on "
+                       "tasks, local files or hub datasets")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="'tiny', a run directory, a checkpoint, a model "
+                   "directory or a hub id; one table row per model and dataset")
+    p.add_argument("--data", action="append", metavar="SPEC", help="task:NAME, an eval YAML (recipes/eval/), or a "
+                   "file / hub id with options: 'file.jsonl,prompt=question,answer=answer,template=boxed'; repeat for "
+                   "more (default: the run's eval datasets or task)")
+    p.add_argument("--k", type=int, default=8, help="pass@k' for powers of two k' <= k, and maj@k")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: k)")
+    p.add_argument("--num-prompts", type=int, default=256, help="prompts per dataset (its first ones)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per sample (default: a task's budget, else the run's max_completion_length, else 1024)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="hf: batched HF generate (exact entropy); "
+                   "vllm: vLLM (entropy from its top-k log-probs, a lower bound)")
+    p.add_argument("--vllm-topk", type=int, default=20, help="log-probs per token vLLM returns (-1: all)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--json", metavar="PATH", help="write the figures (and with --save-samples every sample) as JSON")
+    p.add_argument("--save-samples", action="store_true", help="with --json: each prompt's samples, extracted "
+                   "answers and correctness")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_evaluate)
     args = parser.parse_args(argv)
 
     from rlvr_entropy.analysis import AnalysisError
     from rlvr_entropy.config import RecipeError
+    from rlvr_entropy.evaluation import EvaluationError
     from rlvr_entropy.methods.base import MethodConfigError
 
     try:
         return args.func(args)
-    except (RecipeError, MethodConfigError, FileNotFoundError, AnalysisError) as err:
+    except (RecipeError, MethodConfigError, FileNotFoundError, AnalysisError, EvaluationError) as err:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
             print(f"rlvr-entropy: error: {err}", file=sys.stderr)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -193,6 +194,14 @@ class EntropyGRPOConfig(GRPOConfig):
         # methods exposing TRL features can set TRL fields before GRPOConfig validates them.
         pipeline = build_pipeline(self.methods)
         pipeline.configure(self)
+        # transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns (a FutureWarning
+        # the user cannot act on) when only the old name is set, which TRL's GRPOConfig does by default: hand
+        # it the current names. A recipe may use either; the old name then mirrors the new one as before.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
         super().__post_init__()
         if self.save_strategy == "steps" and not self.save_steps > 0:
             raise ValueError(
@@ -213,16 +222,44 @@ class DataSpec:
     task: str | None = "arithmetic"  # a synthetic task of rlvr_entropy.tasks; None to load `dataset`
     num_prompts: int = 256
     seed: int = 0
-    dataset: str | None = None  # hub id or local path, read with datasets.load_dataset
-    config_name: str | None = None
-    split: str = "train"
-    prompt_column: str = "prompt"
+    dataset: str | None = None  # hub id or local JSON/JSONL/CSV/Parquet file, read with datasets.load_dataset
+    config: str | None = None  # the hub dataset's configuration (e.g. "main" for openai/gsm8k)
+    # None: "train" for training; for evaluation "eval" (a task's held-out split) or "test" (a dataset).
+    split: str | None = None
+    prompt_column: str = "prompt"  # a nested field is written "parent.child"
     answer_column: str = "answer"
     max_rows: int | None = None
-    # When set, each plain-text prompt becomes one user message whose text is this template with "{prompt}"
-    # replaced by the prompt, so TRL applies the model's chat template (e.g. GSM8K's bare questions for a
-    # chat model, which only thinks inside its template).
-    user_message: str | None = None
+    # How a row becomes the prompt: a named template (TEMPLATES in data.py: plain, boxed, think, gsm8k) or text
+    # in which {column} is replaced by that column's value ({prompt}: the prompt column).
+    template: str | None = None
+    # Send the prompt as one user message, so TRL and evaluation apply the model's chat template.
+    chat: bool = False
+
+
+@dataclass
+class EvalDataSpec(DataSpec):
+    """One evaluation dataset: a :class:`DataSpec` with the name its figures are logged under."""
+
+    name: str | None = None  # default: the task, the file's stem or the hub id's last part
+
+
+@dataclass
+class EvalSpec:
+    """The recipe's ``eval`` section: evaluation every ``every`` steps during training (see periodic_eval.py)."""
+
+    # Data specs: "task:arithmetic", a file or hub id with ",key=value" options, an eval YAML file, or mappings of
+    # EvalDataSpec fields; parsed into EvalDataSpec when the recipe is built (parse_data_spec).
+    datasets: list[Any] = field(default_factory=list)
+    every: int = 50  # optimizer steps between evaluations
+    k: int = 8  # pass@k' for every power of two k' <= k, and maj@k
+    samples: int | None = None  # samples per prompt (n of the pass@k estimator); None: k
+    num_prompts: int | None = 256  # prompts per dataset (its first ones); None: all
+    temperature: float | None = None  # None: the training temperature
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: the training max_completion_length
+    batch_size: int = 32  # prompts per generate call (each with `samples` completions)
+    seed: int = 0
+    at_end: bool = True  # also evaluate after the last step
 
 
 @dataclass
@@ -235,9 +272,16 @@ class Recipe:
     train_keys: list[str] = field(default_factory=list)  # training fields the recipe sets explicitly
     peft: dict[str, Any] | None = None  # LoRA: peft.LoraConfig fields (TRL's peft_config); None = full training
     notes: list[str] = field(default_factory=list)  # checks left to the launch machine (hardware_checks=False)
+    evaluation: EvalSpec | None = None  # the `eval` section (datasets parsed); None: no evaluation during training
 
 
 SECTIONS = {"model": ModelSpec, "data": DataSpec}
+
+# Keys that an earlier version of the recipe format used, and what replaced them.
+RENAMED = {
+    "data.config_name": "data.config",
+    "data.user_message": "data.template (the same text, with {prompt}) and data.chat: true",
+}
 
 
 def train_fields() -> dict[str, dataclasses.Field]:
@@ -300,7 +344,7 @@ def load_recipe(
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(loaded).__name__}")
         tree = loaded or {}
@@ -309,6 +353,19 @@ def load_recipe(
     for key, value in (overrides or {}).items():
         apply_override(tree, key, value)
     return build_recipe(tree, source=str(path) if path else None, hardware_checks=hardware_checks)
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's contents; a RecipeError naming the file, line and column where it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{path}{at}: not valid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read the file ({err})") from None
 
 
 # Errors transformers raises in TrainingArguments.__post_init__ when this machine lacks what the config asks for.
@@ -356,10 +413,11 @@ def build_recipe(tree: dict[str, Any], source: str | None = None, hardware_check
         raise RecipeError(f"{where}`rewards` must be a non-empty list of reward function names, got {rewards!r}")
 
     peft = _peft_section(tree.pop("peft", None), where)
+    evaluation = _eval_section(tree.pop("eval", None), where)
 
     fields = train_fields()
     hints = typing.get_type_hints(EntropyGRPOConfig)
-    valid = sorted([*fields, *SECTIONS, "rewards", "peft"])
+    valid = sorted([*fields, *SECTIONS, "rewards", "peft", "eval"])
     kwargs = {}
     for key, value in tree.items():
         if key not in fields:
@@ -369,8 +427,116 @@ def build_recipe(tree: dict[str, Any], source: str | None = None, hardware_check
     train = _build_train_config(kwargs, where, hardware_checks, notes)
     return Recipe(
         model=sections["model"], data=sections["data"], rewards=rewards, train=train, source=source,
-        train_keys=list(kwargs), peft=peft, notes=notes,
+        train_keys=list(kwargs), peft=peft, notes=notes, evaluation=evaluation,
     )
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # where recipes/ lives in a source checkout
+# Named in a data spec string, these stand for the column fields.
+SPEC_ALIASES = {"prompt": "prompt_column", "answer": "answer_column"}
+_SPEC_OPTION = re.compile(r",(?=\s*[A-Za-z_]+\s*=)")  # a comma that starts a "key=value" option
+
+
+def parse_data_spec(spec: Any, where: str = "--data") -> EvalDataSpec:
+    """An evaluation dataset from its recipe entry or command-line text.
+
+    Text is ``SOURCE[,key=value...]`` where SOURCE is ``task:NAME`` (a synthetic task), a YAML file of
+    :class:`EvalDataSpec` fields (``recipes/eval/*.yaml``), or else a local data file or hub dataset id; the
+    options are EvalDataSpec fields (``prompt``/``answer`` stand for ``prompt_column``/``answer_column``),
+    with YAML values: ``openai/gsm8k,config=main,split=test,prompt=question,template=gsm8k``. A mapping is
+    the same fields written out. Nothing is downloaded or read here but an eval YAML file.
+    """
+    if isinstance(spec, dict):
+        values = dict(spec)
+    elif isinstance(spec, str) and spec.strip():
+        head, *options = _SPEC_OPTION.split(spec.strip())
+        head = head.strip()
+        if head.startswith("task:"):
+            values = {"task": head[len("task:"):], "dataset": None}
+        elif head.endswith((".yaml", ".yml")):
+            path = Path(head)
+            if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
+                path = CHECKOUT / path  # recipes/eval/... of this checkout, from any working directory
+            if not path.is_file():
+                raise RecipeError(f"{where}: evaluation dataset file not found: {head}")
+            loaded = _read_yaml(path)
+            if not isinstance(loaded, dict):
+                raise RecipeError(f"{head}: an evaluation dataset file must be a YAML mapping of data fields")
+            values = {"task": None, **loaded}
+            where = head
+        else:
+            values = {"task": None, "dataset": head}
+        for option in options:
+            key, _, raw = option.partition("=")
+            values[SPEC_ALIASES.get(key.strip(), key.strip())] = _option_value(raw.strip())
+    else:
+        raise RecipeError(f"{where}: expected a data spec such as 'task:arithmetic' or 'data.jsonl,prompt=question', "
+                          f"got {spec!r}")
+    fields = [f.name for f in dataclasses.fields(EvalDataSpec)]
+    for key in values:
+        if key not in fields and key not in SPEC_ALIASES and f"data.{key}" not in RENAMED:
+            raise RecipeError(f"{where}: unknown key 'data.{key}'.{closest(key, [*SPEC_ALIASES, *fields])}")
+    for alias, field_name in SPEC_ALIASES.items():
+        if alias in values:
+            values[field_name] = values.pop(alias)
+    data = _build_section(EvalDataSpec, values, "data", f"{where}: ")
+    if data.dataset is None and data.task is None:
+        raise RecipeError(f"{where}: names neither a task nor a dataset")
+    if data.name is None:
+        if data.dataset is None:
+            data.name = data.task
+        elif isinstance(spec, str) and spec.strip().split(",")[0].endswith((".yaml", ".yml")):
+            data.name = Path(spec.split(",")[0].strip()).stem
+        else:
+            source = Path(data.dataset)
+            data.name = source.stem if source.suffix else data.dataset.rstrip("/").rsplit("/", 1)[-1]
+    if not re.fullmatch(r"[\w.@+-]+", data.name):
+        raise RecipeError(f"{where}: name {data.name!r} must be letters, digits and _.@+- (it names logged keys)")
+    return data
+
+
+def _option_value(raw: str) -> Any:
+    """A ``key=value`` option's value: a YAML scalar (number, true/false, null), else the text as written
+    (a template such as ``{prompt} Answer in \\boxed{}.`` is text, not a YAML mapping)."""
+    if not raw:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, int | float | bool) or value is None else raw
+
+
+def _eval_section(values: Any, where: str) -> EvalSpec | None:
+    """The recipe's ``eval`` section, with every dataset spec parsed (nothing is loaded here)."""
+    if values is None:
+        return None
+    spec = _build_section(EvalSpec, values, "eval", where)
+    if not spec.datasets:
+        raise RecipeError(f"{where}eval.datasets: list at least one dataset (e.g. task:arithmetic)")
+    spec.datasets = [parse_data_spec(d, f"{where}eval.datasets[{i}]") for i, d in enumerate(spec.datasets)]
+    names = [d.name for d in spec.datasets]
+    if len(set(names)) < len(names):
+        raise RecipeError(f"{where}eval.datasets: two datasets are named alike ({names}); give each a name")
+    check_eval_numbers(spec.k, spec.samples, where + "eval.")
+    for key, low in (("every", 1), ("batch_size", 1), ("num_prompts", 1), ("max_new_tokens", 1)):
+        value = getattr(spec, key)
+        if value is not None and value < low:
+            raise RecipeError(f"{where}eval.{key} must be >= {low}, got {value}")
+    if spec.temperature is not None and spec.temperature < 0:
+        raise RecipeError(f"{where}eval.temperature must be >= 0 (0: greedy), got {spec.temperature}")
+    if not 0 < spec.top_p <= 1:
+        raise RecipeError(f"{where}eval.top_p must be in (0, 1], got {spec.top_p}")
+    return spec
+
+
+def check_eval_numbers(k: int, samples: int | None, where: str) -> None:
+    """``k`` and the samples per prompt it is estimated from: a RecipeError naming what to change."""
+    if k < 1:
+        raise RecipeError(f"{where}k must be >= 1, got {k}")
+    if samples is not None and samples < k:
+        raise RecipeError(f"{where}k ({k}) is larger than the samples per prompt ({samples}): pass@k needs at least k "
+                          "samples; raise samples or lower k")
 
 
 def _peft_section(values: Any, where: str) -> dict[str, Any] | None:
@@ -418,6 +584,8 @@ def _build_section(cls: type, values: Any, name: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
+        if f"{name}.{key}" in RENAMED:
+            raise RecipeError(f"{where}'{name}.{key}' was renamed: use {RENAMED[f'{name}.{key}']}")
         if key not in fields:
             raise RecipeError(f"{where}unknown key '{name}.{key}'.{closest(key, sorted(fields))}")
         kwargs[key] = coerce(value, hints[key], f"{name}.{key}", RecipeError)
@@ -436,6 +604,7 @@ def recipe_to_yaml(recipe: Recipe) -> str:
         "rewards": recipe.rewards,
         "methods": recipe.train.methods,
         **({"peft": recipe.peft} if recipe.peft is not None else {}),
+        **({"eval": dataclasses.asdict(recipe.evaluation)} if recipe.evaluation is not None else {}),
         **{k: v for k, v in train.items() if k != "methods"},
     }
     return yaml.safe_dump(tree, sort_keys=False)

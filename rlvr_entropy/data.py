@@ -1,8 +1,9 @@
 """Training data: where the prompts come from, and which rows can train.
 
 - :func:`load_data`: a synthetic task of the offline tiny world, a local JSON/JSONL/CSV/Parquet file, or
-  a hub dataset, with its columns renamed to ``prompt``/``answer`` (nested fields flattened) and, on
-  request, plain prompts wrapped as one user message for the model's chat template.
+  a hub dataset (with config and split), with its columns renamed to ``prompt``/``answer`` (nested fields
+  flattened), a prompt template applied and, on request, plain prompts wrapped as one user message for the
+  model's chat template. Training and evaluation load through it alike.
 - :func:`drop_bad_rows`: the ``bad_rows`` policy, run by the trainer before training on every map-style
   dataset it holds. A row cannot train when its prompt is empty, a column a reward function reads is
   missing, or its prompt is longer than ``max_prompt_tokens``; such rows are dropped and counted
@@ -11,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,53 +32,148 @@ LOCAL_FORMATS = {"json": "json", "jsonl": "json", "csv": "csv", "parquet": "parq
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
+# Named prompt templates: how a row's prompt is presented. {prompt} is the prompt column; any {column} works.
+TEMPLATES = {
+    "plain": "{prompt}",
+    # The instruction the Qwen2.5-Math papers' evaluations use (MATH-500, AIME, AMC): answer in a box.
+    "boxed": "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.",
+    # For models trained to think first: the answer is read after the thinking-end marker (extract_answer).
+    "think": "{prompt}\nThink step by step inside <think> </think>, then write only the final answer after </think>.",
+    # GSM8K's own answer format, final answer after "####" (PEAR's prompt).
+    "gsm8k": "{prompt} Let's think step by step and output the final answer after \"####\".",
+}
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")  # {column}; "\\boxed{}" and "{{" are not placeholders
 
-def load_data(spec: DataSpec) -> Dataset:
-    """The training prompts: a synthetic task, or a dataset with its columns renamed to prompt/answer."""
+
+def load_data(spec: DataSpec, purpose: str = "train") -> Dataset:
+    """Prompts with ``prompt``/``answer`` columns: a synthetic task, a local file or a hub dataset.
+
+    ``purpose`` ("train" or "eval") picks the default split: a task's ``train``/``eval`` split (disjoint),
+    a dataset's ``train``/``test``. Columns are renamed to ``prompt``/``answer`` (nested fields, written
+    ``parent.child``, are flattened first); the template, if any, is applied, then the chat wrapping.
+    Every problem (a file that does not parse, a missing column, a placeholder without a column) is a
+    RecipeError naming the file or field and what to change.
+    """
     if spec.dataset is not None:
-        suffix = Path(spec.dataset).suffix.lstrip(".")
-        if suffix in LOCAL_FORMATS and Path(spec.dataset).is_file():  # a local file: json/jsonl/csv/parquet
-            dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=spec.dataset, split="train")
-        else:
-            dataset = load_dataset(spec.dataset, spec.config_name, split=spec.split)
-        if "." in spec.answer_column and spec.answer_column not in dataset.column_names:
+        dataset = _read_dataset(spec, purpose)
+        columns = dataset.column_names
+        if any("." in c and c not in columns for c in (spec.prompt_column, spec.answer_column)):
             dataset = dataset.flatten()  # nested fields become "parent.child" columns
-        rename = {spec.prompt_column: "prompt", spec.answer_column: "answer"}
-        for old, new in rename.items():
+            columns = dataset.column_names
+        for column, field_name in ((spec.prompt_column, "prompt_column"), (spec.answer_column, "answer_column")):
+            if column not in columns and (field_name == "prompt_column" or purpose == "eval"):
+                raise RecipeError(
+                    f"{spec.dataset}: no column '{column}' (data.{field_name}); its columns are {columns}. "
+                    f"Set {field_name} to the column that holds the {field_name.split('_')[0]}s."
+                )
+        if spec.template is not None:  # before the renaming, so that {column} names the data's own columns
+            dataset = apply_template(dataset, spec.template, spec.dataset, spec.prompt_column)
+        for old, new in ((spec.prompt_column, "prompt"), (spec.answer_column, "answer")):
             if old != new and old in dataset.column_names:
+                if new in dataset.column_names:
+                    dataset = dataset.remove_columns(new)
                 dataset = dataset.rename_column(old, new)
+        if spec.max_rows is not None:
+            dataset = dataset.select(range(min(spec.max_rows, len(dataset))))
     elif spec.task is not None:
+        split = spec.split or ("eval" if purpose == "eval" else "train")
         try:
-            dataset = make_dataset(spec.task, spec.num_prompts, spec.seed)
+            dataset = make_dataset(spec.task, spec.num_prompts, spec.seed, split=split)
         except ValueError as err:
             raise RecipeError(f"data.task: {err}") from err
     else:
         raise RecipeError("data needs either `task` (a synthetic task) or `dataset` (a hub id or local path)")
-    if spec.max_rows is not None:
-        dataset = dataset.select(range(min(spec.max_rows, len(dataset))))
     if len(dataset) == 0:
-        raise RecipeError(f"the training dataset is empty ({spec.dataset or spec.task})")
-    if "prompt" not in dataset.column_names:
-        raise RecipeError(
-            f"the dataset has no prompt column '{spec.prompt_column}'; columns: {dataset.column_names}. "
-            "Set data.prompt_column."
-        )
-    if spec.user_message is not None:
-        dataset = as_user_messages(dataset, spec.user_message)
+        raise RecipeError(f"the {purpose} dataset is empty ({spec.dataset or spec.task})")
+    if spec.template is not None and spec.dataset is None:
+        dataset = apply_template(dataset, spec.template, spec.task)
+    if spec.chat:
+        dataset = as_user_messages(dataset)
     return dataset
 
 
-def as_user_messages(dataset: Dataset, template: str) -> Dataset:
-    """Plain-text prompts as one-message conversations ``[{"role": "user", "content": ...}]``.
+def _read_dataset(spec: DataSpec, purpose: str) -> Dataset:
+    """The raw rows of ``spec.dataset``: a local file (json/jsonl/csv/parquet), else a hub dataset id."""
+    from datasets.exceptions import DatasetGenerationError
 
-    ``{prompt}`` in ``template`` is replaced by the prompt text (str.replace, not str.format, so the
-    template may hold braces such as ``\\boxed{}``).
+    path = Path(spec.dataset).expanduser()
+    suffix = path.suffix.lstrip(".").lower()
+    if path.exists() or suffix in LOCAL_FORMATS or spec.dataset.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise RecipeError(f"data file not found: {spec.dataset}")
+        if suffix not in LOCAL_FORMATS:
+            raise RecipeError(f"{spec.dataset}: unknown data file type '.{suffix}'; use one of "
+                              f"{', '.join('.' + s for s in LOCAL_FORMATS)}")
+        try:
+            with _quiet_datasets():  # a file that does not parse gets our one line, not datasets' log and bars
+                return load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        except (DatasetGenerationError, ValueError, OSError, UnicodeDecodeError) as err:
+            cause = err.__cause__ or err.__context__ or err
+            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise RecipeError(f"{spec.dataset}: cannot read it as {suffix.upper()}: {detail}") from None
+    split = spec.split or ("test" if purpose == "eval" else "train")
+    try:
+        return load_dataset(spec.dataset, spec.config, split=split)
+    except (OSError, ValueError, ConnectionError) as err:  # offline, unknown id, unknown split or config
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(
+            f"dataset '{spec.dataset}' (config {spec.config!r}, split {split!r}) could not be loaded: {first}. "
+            "A local file needs a .json/.jsonl/.csv/.parquet suffix; a hub dataset needs the hub or its cache"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars and no error logging from ``datasets`` while a small local file is read."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    level = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def apply_template(dataset: Dataset, template: str, source: str | None = None, prompt_column: str = "prompt") -> Dataset:
+    """Each row's prompt (``prompt_column``) made from ``template``: a name in TEMPLATES, or text with
+    ``{column}`` placeholders, where ``{prompt}`` is the prompt column whatever its name.
+
+    Placeholders are replaced by str.replace, not str.format, so the text may hold braces (``\\boxed{}``).
+    A template without any placeholder, or one that names no column of the data, is a RecipeError.
     """
-    if "{prompt}" not in template:
-        raise RecipeError(f"data.user_message must contain '{{prompt}}' where the prompt goes, got {template!r}")
+    text = TEMPLATES.get(template, template)
+    names = sorted(set(_PLACEHOLDER.findall(text)))
+    if not names:
+        raise RecipeError(f"data.template {template!r} has no placeholder: write {{prompt}} where the prompt goes, "
+                          f"or use a named template ({', '.join(TEMPLATES)})")
+    columns = {name: prompt_column if name == "prompt" and name not in dataset.column_names else name for name in names}
+    missing = [n for n, column in columns.items() if column not in dataset.column_names]
+    if missing:
+        raise RecipeError(f"data.template: placeholder(s) {', '.join('{' + n + '}' for n in missing)} name no column "
+                          f"of {source or 'the data'}; its columns are {dataset.column_names}")
+    if not all(isinstance(v, str) for v in dataset[:1][prompt_column]):
+        raise RecipeError("data.template applies to plain-text prompts; this dataset's prompts are already messages")
+
+    def fill(row: dict[str, Any]) -> dict[str, Any]:
+        out = text
+        for name, column in columns.items():
+            out = out.replace("{" + name + "}", "" if row[column] is None else str(row[column]))
+        return {prompt_column: out}
+
+    return dataset.map(fill)
+
+
+def as_user_messages(dataset: Dataset) -> Dataset:
+    """Plain-text prompts as one-message conversations ``[{"role": "user", "content": ...}]`` (``data.chat``)."""
     if not isinstance(dataset[0]["prompt"], str):
-        raise RecipeError("data.user_message applies to plain-text prompts; this dataset's prompts are already messages")
-    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": template.replace("{prompt}", row["prompt"])}]})
+        raise RecipeError("data.chat wraps plain-text prompts; this dataset's prompts are already messages")
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers i
     ACCURACY,
     COVARIANCE,
     ENTROPY,
+    EVAL,
     LENGTH,
     REWARD,
     ROLLOUT_ENTROPY,
@@ -30,6 +31,9 @@ from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers i
     CovarianceDiagnostic,
     LawFit,
     Run,
+    Tradeoff,
+    eval_datasets,
+    eval_k,
     load_run,
     method_stat_keys,
     moving_means,
@@ -40,7 +44,7 @@ from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers i
 )
 
 __all__ = [
-    "Panel", "covariance_figure", "law_figure", "plot_runs", "read_metrics", "run_label", "runs_figure",
+    "Panel", "covariance_figure", "law_figure", "tradeoff_figure", "plot_runs", "read_metrics", "run_label", "runs_figure",
     "save_figure", "series", "training_panels",
 ]
 
@@ -59,6 +63,7 @@ class Panel:
     band: tuple[str, str] | None = None
     note: str | None = None       # legend for line styles when a panel draws several keys per run
     smooth: bool = False
+    markers: bool = False         # sparse series (evaluations every N steps): draw each point
 
 
 def known_methods() -> list[str]:
@@ -90,6 +95,14 @@ def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Pa
         Panel("completion length (tokens, mean)", ((LENGTH, "-"),)),
         Panel("Cov(log pi, A) of valid tokens (> 0: entropy falls)", ((COVARIANCE, "-"),), smooth=True),
     ]
+    for name in dict.fromkeys(d for run in runs for d in eval_datasets(run.rows)):
+        k = max((eval_k(run.rows, name) or 1 for run in runs), default=1)
+        pass_keys = ((f"{EVAL}{name}/pass@1", "-"),) + (((f"{EVAL}{name}/pass@{k}", "--"),) if k > 1 else ())
+        candidates += [
+            Panel(f"eval {name}: pass@1" + (f" and pass@{k}" if k > 1 else ""), pass_keys,
+                  note=f"solid: pass@1, dashed: pass@{k}" if k > 1 else None, markers=True),
+            Panel(f"eval {name}: token entropy of the samples (nats)", ((f"{EVAL}{name}/entropy", "-"),), markers=True),
+        ]
     panels = [p for p in candidates if any(_logged(runs, k) for k, _ in p.keys)]
     stats: dict[str, list[str]] = {}
     for run in runs:
@@ -160,7 +173,8 @@ def runs_figure(
                     ax.plot(steps[window - 1 :], moving_means(values, window), style, color=color, linewidth=1.5)
                     smoothed = True
                 else:
-                    ax.plot(steps, values, style, color=color, linewidth=1.3)
+                    ax.plot(steps, values, style, color=color, linewidth=1.3, marker="o" if panel.markers else None,
+                            markersize=3)
             if panel.band is not None:
                 lo_steps, lo = series(run.rows, panel.band[0])
                 hi_steps, hi = series(run.rows, panel.band[1])
@@ -274,5 +288,26 @@ def covariance_figure(diagnostics: Sequence[tuple[Run, CovarianceDiagnostic]]) -
         for ax in (left, right):
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(tradeoffs: Sequence[Tradeoff]) -> Figure:
+    """pass@k against pass@1 at each evaluation of each run, first (o) to last (star): a run moving right
+    and down traded coverage (pass@k) for accuracy (pass@1); right and level or up kept both."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for i, t in enumerate(tradeoffs):
+        color = f"C{i % 10}"
+        ax.plot(t.pass1, t.passk, "-", color=color, linewidth=1.3, alpha=0.8,
+                label=f"{t.label}: pass@1 {t.delta_pass1:+.3f}, pass@{t.k} {t.delta_passk:+.3f}")
+        ax.plot(t.pass1[:1], t.passk[:1], "o", color=color, markersize=6)
+        ax.plot(t.pass1[-1:], t.passk[-1:], "*", color=color, markersize=11, markeredgecolor="k", markeredgewidth=0.5)
+    names = sorted({f"{t.dataset}" for t in tradeoffs})
+    ks = sorted({t.k for t in tradeoffs})
+    ax.set_xlabel(f"pass@1 ({', '.join(names)})", fontsize=9)
+    ax.set_ylabel(f"pass@{'/'.join(str(k) for k in ks)}", fontsize=9)
+    ax.set_title("evaluation during training: o first, \u2605 last", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig

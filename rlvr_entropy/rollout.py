@@ -185,6 +185,23 @@ class RolloutMixin:
             yield
 
     @contextlib.contextmanager
+    def policy_for_generation(self) -> Iterator[Any]:
+        """The policy, ready for ``generate`` outside TRL's rollouts (evaluation during training): TRL's own
+        context for it (ZeRO-3 parameters gathered, FSDP2 parameters summoned, gradient checkpointing off),
+        without gradients. Every process must enter it together."""
+        from trl.models import unwrap_model_for_generation
+
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            yield model
+
+    @contextlib.contextmanager
     def _recorder(self, enabled: bool) -> Iterator[GenerationRecorder | None]:
         if not enabled:
             yield None

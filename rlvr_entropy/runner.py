@@ -8,6 +8,7 @@ layer: it imports the trainer, and nothing in the package's core imports it.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from accelerate import PartialState
@@ -17,6 +18,7 @@ from transformers import AutoTokenizer
 from rlvr_entropy.config import ModelSpec, Recipe, RecipeError, peft_config, recipe_to_yaml
 from rlvr_entropy.data import load_data
 from rlvr_entropy.launch import LaunchError, check_geometry, launched_processes
+from rlvr_entropy.periodic_eval import PeriodicEval
 from rlvr_entropy.reward_contract import RewardFn, required_columns
 from rlvr_entropy.tasks.rewards import get_reward
 from rlvr_entropy.trainer import EntropyGRPOTrainer
@@ -39,7 +41,67 @@ def resolve_model(spec: ModelSpec, task: str | None = None) -> str:
             return str(build_tiny_model(**settings))
     if spec.tiny:
         raise RecipeError("model.tiny settings apply only to model.name_or_path: tiny")
-    return spec.name_or_path
+    return check_model_source(spec.name_or_path, "model.name_or_path")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a local path: a hub id is ``name`` or ``org/name``."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def check_model_source(name: str, where: str) -> str:
+    """``name`` as a model source: an existing local directory, or a hub id; a RecipeError for a missing
+    directory (instead of the hub's id validation traceback) or a file."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise RecipeError(f"{where}: {name} is a file; give the directory that holds the model's config.json")
+        return str(path)
+    if looks_like_path(name):
+        raise RecipeError(f"{where}: the directory {name} does not exist")
+    return name
+
+
+def model_directory(name: str, where: str = "model") -> str:
+    """The model of a run directory, a checkpoint or a model directory (or a hub id, unchanged).
+
+    A directory with ``config.json`` (or a LoRA adapter's ``adapter_config.json``) is a model; a run
+    directory without one (a run stopped before its final save) gives its latest ``checkpoint-N``.
+    """
+    source = check_model_source(name, where)
+    path = Path(source)
+    if not path.is_dir():
+        return source  # a hub id
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return source
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "config.json").is_file()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    if checkpoints:
+        logger.warning("%s holds no final model; using its latest checkpoint, %s", name, checkpoints[-1].name)
+        return str(checkpoints[-1])
+    raise RecipeError(f"{where}: {name} holds no model (no config.json, no checkpoint-N with one)")
+
+
+def load_tokenizer(model_path: str, where: str = "model.name_or_path") -> AutoTokenizer:
+    """The model's tokenizer; a RecipeError when neither the directory nor the hub (or its cache) has it."""
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RecipeError(f"{where} '{model_path}': cannot load its tokenizer: {first}") from None
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` before any model is loaded, so that an unusable one stops the run at once."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecipeError(f"output_dir {output_dir}: cannot create it ({err.strerror or err})") from None
+    if not os.access(path, os.W_OK):
+        raise RecipeError(f"output_dir {output_dir}: not writable")
 
 
 def reward_functions(names: list[str], dataset: Dataset) -> list[RewardFn]:
@@ -69,11 +131,14 @@ def build_trainer(recipe: Recipe) -> EntropyGRPOTrainer:
     dataset = load_data(recipe.data)
     rewards = reward_functions(recipe.rewards, dataset)
     check_geometry(len(dataset), recipe.train, launched_processes())
+    periodic_eval = PeriodicEval(recipe.evaluation) if recipe.evaluation is not None else None  # loads its data
+    if PartialState().is_main_process:
+        prepare_output_dir(recipe.train.output_dir)
     model_path = resolve_model(recipe.model, recipe.data.task)  # may build the tiny model or download one
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     return EntropyGRPOTrainer(
         model=model_path, reward_funcs=rewards, args=recipe.train, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config(recipe),
+        peft_config=peft_config(recipe), periodic_eval=periodic_eval,
     )
 
 

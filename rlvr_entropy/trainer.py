@@ -49,6 +49,9 @@ Throughout:
                Cov(log pi, A) that drives entropy change and the rollout/training entropy gap are logged
                beside TRL's metrics, and every log line goes to ``<output_dir>/metrics.jsonl``
                (``metrics.py``).
+9. evaluation  with a recipe ``eval`` section, after every ``eval.every`` optimizer steps the policy is
+               sampled on held-out prompts (pass@k, maj@k, entropy, length) and the figures join that
+               step's log line as ``eval/<dataset>/<figure>`` (``periodic_eval.py``, ``evaluation.py``).
 
 With no method listed every override reduces to TRL's behaviour (tested for every loss type).
 Nothing here copies ``_compute_loss``: weights, detach and extra terms reach it through the override
@@ -58,6 +61,7 @@ points listed above.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,11 +81,16 @@ from rlvr_entropy.launch import check_engine, check_geometry
 from rlvr_entropy.losses import aggregate
 from rlvr_entropy.methods import LossBatch, RolloutBatch
 from rlvr_entropy.metrics import MetricsJsonlCallback, entropy_gap, entropy_summary, logp_adv_covariance, reduce_across
+from rlvr_entropy.periodic_eval import PeriodicEval
 from rlvr_entropy.reward_contract import RewardStats, columns_read
 from rlvr_entropy.rollout import Generation, RolloutMixin
 from rlvr_entropy.rollout_stats import completion_grid, find_marker
 from rlvr_entropy.sandbox import SandboxedReward, sandboxed
 from rlvr_entropy.tensor_ops import fit_width, per_token
+
+# TRL's generation context reads model.is_gradient_checkpointing, which transformers 5 deprecated: a
+# FutureWarning on every run that no setting of the user's can avoid.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
 
@@ -102,7 +111,10 @@ class _LossCall:
 class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
     """GRPO with entropy-control methods; see the module docstring for the hook order."""
 
-    def __init__(self, model: Any, reward_funcs: Any, args: EntropyGRPOConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Any, reward_funcs: Any, args: EntropyGRPOConfig | None = None,
+        periodic_eval: PeriodicEval | None = None, **kwargs: Any,
+    ) -> None:
         if args is None:
             args = EntropyGRPOConfig(output_dir="trainer_output")
         if not isinstance(args, EntropyGRPOConfig):
@@ -134,6 +146,10 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
                                gather_objects=gather_object if many else (lambda x: x), device=self.accelerator.device)
         if args.metrics_jsonl:
             self.add_callback(MetricsJsonlCallback(os.path.join(args.output_dir, "metrics.jsonl")))
+        self.periodic_eval = periodic_eval
+        if periodic_eval is not None:
+            periodic_eval.attach(self)
+            self.add_callback(periodic_eval)
 
     # ------------------------------------------------------------------------------------------------------
     # setup helpers
@@ -415,6 +431,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training and "loss" in logs:
             logs.update(self._counters)  # run totals, on every training log line
+            if self.periodic_eval is not None:
+                logs.update(self.periodic_eval.pop())  # this step's evaluation, if it ran one
         super().log(logs, start_time)
 
     def train(self, *args, **kwargs):

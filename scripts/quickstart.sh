@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up the virtual environment if needed, then run the quickstart on the offline tiny world:
 # build (or reuse) the warm-started tiny model, train plain GRPO, Clip-Cov and KL-Cov on CPU with the
-# same seed, report held-out accuracy before and after, draw the entropy, reward and method curves of
-# the three runs on one figure (runs/quickstart/curves.png), print the compare table, and fit the
-# entropy-performance law and the covariance diagnostic (entropy_law.png, covariance.png).
+# same seed (each evaluating itself every 100 steps), report held-out pass@1 / pass@8 / maj@8 and entropy
+# before and after, draw the entropy, reward, evaluation and method curves of the three runs on one
+# figure (runs/quickstart/curves.png), print the compare and pass@1-vs-pass@8 tables, and fit the
+# entropy-performance law and the covariance diagnostic (entropy_law.png, covariance.png, tradeoff.png).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup_env.sh
@@ -12,7 +13,10 @@ OUT=runs/quickstart
 rm -rf "$OUT"
 mkdir -p "$OUT"
 start=$(date +%s)
-rlvr-entropy evaluate tiny --temperature 1.0 0   # builds and caches the tiny model on first use
+# Held-out prompts at the training temperature; builds and caches the tiny model on first use.
+EVAL=(--data task:arithmetic --k 8 --temperature 1.0 --num-prompts 256 --no-progress)
+echo "[quickstart] before training:"
+rlvr-entropy evaluate tiny "${EVAL[@]}"
 # Two runs at a time, one per core (each single-threaded); their logs go to $OUT/<method>.log.
 train() {
   echo "[quickstart] training $1 (log: $OUT/$1.log)"
@@ -27,13 +31,13 @@ finish "$grpo" grpo
 train kl_cov & kl_cov=$!
 finish "$clip_cov" clip_cov
 finish "$kl_cov" kl_cov
-for method in grpo clip_cov kl_cov; do
-  rlvr-entropy evaluate "$OUT/$method" --temperature 1.0 0
-done
 RUNS=("$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov")
+echo "[quickstart] before (tiny) and after training:"
+rlvr-entropy evaluate tiny "${RUNS[@]}" "${EVAL[@]}" --json "$OUT/evaluation.json"
 rlvr-entropy plot "${RUNS[@]}" -o "$OUT/curves.png"
 rlvr-entropy compare "${RUNS[@]}"
 # The law fit refuses a run whose entropy hardly moved (exit 2, reason printed): not a failed quickstart.
 rlvr-entropy fit-law "${RUNS[@]}" -o "$OUT/entropy_law.png" || echo "[quickstart] the law was not fitted to every run (see above)"
 rlvr-entropy covariance "${RUNS[@]}" -o "$OUT/covariance.png"
-echo "quickstart finished in $(( $(date +%s) - start ))s: metrics in $OUT/*/metrics.jsonl, figures in $OUT/{curves,entropy_law,covariance}.png"
+rlvr-entropy tradeoff "${RUNS[@]}" -o "$OUT/tradeoff.png"
+echo "quickstart finished in $(( $(date +%s) - start ))s: metrics in $OUT/*/metrics.jsonl, figures in $OUT/{curves,entropy_law,covariance,tradeoff}.png"

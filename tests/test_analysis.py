@@ -24,6 +24,7 @@ from rlvr_entropy.analysis import (
     read_final,
     read_metrics,
     run_covariance_diagnostic,
+    run_tradeoff,
     summarize_run,
 )
 from rlvr_entropy.cli import main
@@ -228,3 +229,53 @@ def test_cli_covariance(tmp_path, capsys):
     bare = write_run(tmp_path / "bare", [{"step": s, "entropy": 1.0 - 0.1 * s} for s in range(1, 6)])
     assert main(["covariance", str(bare), "-o", str(tmp_path / "bare.png")]) == 2
     assert "covariance/logp_adv" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- evaluation during training
+
+
+def eval_rows(pass1: list[float], passk: list[float], every: int = 4, steps: int = 12) -> list[dict]:
+    """law_rows with an evaluation every ``every`` steps (pass@1, pass@2, pass@4 and entropy on 'arith')."""
+    rows = law_rows(steps=steps)
+    for i, step in enumerate(range(every, steps + 1, every)):
+        rows[step - 1].update({"eval/arith/pass@1": pass1[i], "eval/arith/pass@2": (pass1[i] + passk[i]) / 2,
+                               "eval/arith/pass@4": passk[i], "eval/arith/maj@4": pass1[i], "eval/arith/entropy": 0.5})
+    return rows
+
+
+def test_compare_adds_eval_columns_when_a_run_evaluated(tmp_path, capsys):
+    write_run(tmp_path / "grpo", eval_rows([0.3, 0.5, 0.6], [0.8, 0.7, 0.65]))
+    write_run(tmp_path / "plain", law_rows(steps=12))
+    summary = summarize_run(load_run(tmp_path / "grpo"))
+    assert (summary.eval_dataset, summary.eval_k) == ("arith", 4)
+    assert (summary.eval_pass1_final, summary.eval_pass1_best) == (0.6, 0.6)
+    assert (summary.eval_passk_final, summary.eval_passk_best) == (0.65, 0.8)
+    assert summarize_run(load_run(tmp_path / "plain")).eval_dataset is None
+    assert main(["compare", str(tmp_path / "grpo"), str(tmp_path / "plain")]) == 0
+    out = capsys.readouterr().out
+    header, _, grpo, plain = out.splitlines()[:4]
+    assert header.rstrip().endswith("eval p@1 end  eval p@1 best  eval p@k end  eval p@k best")
+    assert grpo.split()[-4:] == ["0.600", "0.600", "0.650", "0.800"]
+    assert plain.split()[-4:] == ["-", "-", "-", "-"]
+    assert "arith (k=4)" in out
+    assert main(["compare", str(tmp_path / "plain")]) == 0
+    assert "eval p@1" not in capsys.readouterr().out  # no evaluation, no eval columns
+
+
+def test_tradeoff_table_and_figure(tmp_path, capsys):
+    write_run(tmp_path / "grpo", eval_rows([0.3, 0.5, 0.6], [0.8, 0.7, 0.65]))
+    write_run(tmp_path / "kept", eval_rows([0.3, 0.45, 0.55], [0.8, 0.8, 0.82]), methods=[{"name": "kl_cov"}])
+    write_run(tmp_path / "none", law_rows(steps=12))
+    t = run_tradeoff(load_run(tmp_path / "grpo"))
+    assert (t.dataset, t.k, t.steps) == ("arith", 4, [4, 8, 12])
+    assert t.delta_pass1 == pytest.approx(0.3) and t.delta_passk == pytest.approx(-0.15)
+    with pytest.raises(AnalysisError, match="did not evaluate on 'gsm8k'"):
+        run_tradeoff(load_run(tmp_path / "grpo"), "gsm8k")
+    out_png = tmp_path / "tradeoff.png"
+    code = main(["tradeoff", str(tmp_path / "grpo"), str(tmp_path / "kept"), str(tmp_path / "none"), "-o", str(out_png)])
+    captured = capsys.readouterr()
+    assert code == 2 and "logged no evaluation" in captured.err  # the run without eval is named, the others drawn
+    lines = captured.out.splitlines()
+    assert lines[1].split()[-6:] == ["0.300", "0.600", "+0.300", "0.800", "0.650", "-0.150"]
+    assert lines[2].split()[-6:] == ["0.300", "0.550", "+0.250", "0.800", "0.820", "+0.020"]
+    assert out_png.stat().st_size > 10_000

@@ -199,7 +199,7 @@ def test_dataset_problems_are_reported(tmp_path):
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"question": "1+2=", "solution": "3"}\n')
-    with pytest.raises(RecipeError, match="no prompt column 'prompt'.*question"):
+    with pytest.raises(RecipeError, match="no column 'prompt' .data.prompt_column.; its columns are \\['question'"):
         load_data(DataSpec(task=None, dataset=str(path)))
     with pytest.raises(RecipeError, match="empty"):
         load_data(DataSpec(task="arithmetic", num_prompts=0))

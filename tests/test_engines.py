@@ -82,6 +82,18 @@ def test_engine_trains_like_ddp_and_resumes_exactly(engine, ddp_run, tiny_model_
     assert max_diff(ours, again) == 0.0  # exact resume from a checkpoint inside a generation cycle
     logged = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [x["step"] for x in logged] == [2, 3]
+    # The recipe's evaluation after the last step, through TRL's generation context on the sharded model: the
+    # resumed run logs the very same figures, and they are DDP's (weights equal up to summation order).
+    figures = final_eval(full)
+    assert figures and figures == final_eval(resumed)
+    for key, value in final_eval(ddp_run).items():
+        assert figures[key] == pytest.approx(value, abs=2e-3), key
+
+
+def final_eval(run_dir: Path) -> dict[str, float]:
+    """The eval figures on the run's last logged line (wall-clock time left out)."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return {k: v for k, v in lines[-1].items() if k.startswith("eval/") and k != "eval/seconds"}
 
 
 @pytest.mark.parametrize("engine", ["zero2", "fsdp2"])

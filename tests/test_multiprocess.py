@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers.processes import torchrun, worker_env
 
 HERE = Path(__file__).parent
@@ -63,6 +64,31 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
     train_lines = [x for x in lines if "loss" in x]
     assert all("entropy/p50" in x for x in train_lines)
     assert "rollout_entropy/mean" in train_lines[0]  # logged on generation steps (4 optimizer steps per rollout)
+    # The recipe's evaluation ran at the end, sharded over both ranks: it equals one process evaluating the
+    # saved policy with the same seed.
+    logged = {k.removeprefix("eval/arithmetic/"): v for k, v in train_lines[-1].items() if k.startswith("eval/arithmetic/")}
+    assert_eval_matches_one_process(out, logged, step=2)
+
+
+def assert_eval_matches_one_process(run_dir: Path, logged: dict, step: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlvr_entropy.config import load_recipe
+    from rlvr_entropy.evaluation import HFSampler, evaluate_dataset
+    from rlvr_entropy.periodic_eval import load_eval_rows
+    from rlvr_entropy.tensor_ops import stable_hash
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    spec = recipe.evaluation
+    model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32).eval()
+    sampler = HFSampler(model, AutoTokenizer.from_pretrained(run_dir), recipe.train.temperature, spec.top_p)
+    report = evaluate_dataset(sampler, load_eval_rows(spec.datasets[0], spec.num_prompts), "arithmetic",
+                              samples=spec.k, k=spec.k, max_new_tokens=recipe.train.max_completion_length,
+                              batch_size=spec.batch_size, seed=stable_hash((spec.seed, step)))
+    expected = {k: v for k, v in report.figures.items() if k not in ("prompts", "samples")}
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, abs=1e-5), key
 
 
 def run_scope_worker(model_dir, out_dir, method, world):

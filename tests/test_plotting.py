@@ -149,3 +149,17 @@ def test_cli_plot_exit_codes(runs, tmp_path, capsys):
     empty = write_run(tmp_path / "empty", [], torn=True)   # started, nothing logged yet
     assert main(["plot", str(empty), "-o", str(tmp_path / "e.png")]) == 2
     assert "no plottable metrics" in capsys.readouterr().err
+
+
+def test_eval_panels_draw_pass_at_1_and_k_with_their_points(tmp_path):
+    rows = law_rows(steps=12)
+    for step, p1, pk in ((4, 0.3, 0.8), (8, 0.5, 0.7), (12, 0.6, 0.65)):
+        rows[step - 1].update({"eval/arith/pass@1": p1, "eval/arith/pass@8": pk, "eval/arith/entropy": 0.4})
+    fig = runs_figure([write_run(tmp_path / "ev", rows), write_run(tmp_path / "plain", law_rows(steps=12))])
+    t = titles(fig)
+    assert "eval arith: pass@1 and pass@8" in t and "eval arith: token entropy of the samples (nats)" in t
+    ax = fig.axes[t.index("eval arith: pass@1 and pass@8")]
+    lines = [line for line in ax.get_lines() if len(line.get_xdata())]
+    assert [list(line.get_ydata()) for line in lines] == [[0.3, 0.5, 0.6], [0.8, 0.7, 0.65]]
+    assert [line.get_marker() for line in lines] == ["o", "o"] and lines[1].get_linestyle() == "--"
+    assert not any(x.startswith("eval") for x in titles(runs_figure([tmp_path / "plain"])))

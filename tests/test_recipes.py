@@ -15,7 +15,8 @@ from rlvr_entropy.config import RecipeError, load_recipe, recipe_to_yaml
 CPU = ["use_cpu=true", "bf16=false", "gradient_checkpointing=false"]
 RECIPE_ROOT = Path(__file__).parent.parent / "recipes"
 LAUNCH_CONFIGS = sorted((RECIPE_ROOT / "accelerate").glob("*.yaml"))
-RECIPES = sorted(p for p in RECIPE_ROOT.rglob("*.yaml") if p.parent.name != "accelerate")
+RECIPES = sorted(p for p in RECIPE_ROOT.rglob("*.yaml") if p.parent.name not in ("accelerate", "eval"))
+EVAL_SETS = sorted((RECIPE_ROOT / "eval").glob("*.yaml"))
 
 
 def test_there_are_recipes():
@@ -147,6 +148,7 @@ def test_pear_tiny_recipe_differs_from_its_baseline_only_in_the_method():
     # ... and from grpo.yaml only in the task and the room its thinking needs
     grpo = without_method(tiny / "grpo.yaml")
     grpo["data"]["task"], grpo["max_completion_length"] = "arithmetic_think", 48
+    grpo["eval"]["datasets"][0].update(task="arithmetic_think", name="arithmetic_think")
     assert grpo == without_method(tiny / "grpo_think.yaml")
 
 
@@ -171,7 +173,7 @@ def test_pear_paper_recipe_reads_gsm8k(tmp_path):
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "paper" / "pear_qwen3-4b.yaml", [*CPU, "use_vllm=false"])
     spec = recipe.data
-    assert (spec.dataset, spec.config_name, spec.prompt_column, spec.answer_column) == ("openai/gsm8k", "main", "question", "answer")
+    assert (spec.dataset, spec.config, spec.prompt_column, spec.answer_column) == ("openai/gsm8k", "main", "question", "answer")
     assert recipe.train.methods == [{"name": "pear", "alpha": 1.0}] and recipe.model.name_or_path == "Qwen/Qwen3-4B"
     rows = tmp_path / "gsm8k.jsonl"
     rows.write_text(json.dumps({"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
@@ -184,11 +186,15 @@ def test_pear_paper_recipe_reads_gsm8k(tmp_path):
     completion = "<think>\n48/2 = 24, 48 + 24 = 72.\n</think>\n\nShe sold 72 clips.\n#### 72"
     assert correctness([prompt] * 2, [completion, "#### 48"], answer=[dataset[0]["answer"]] * 2) == [1.0, 0.0]
     with pytest.raises(RecipeError, match="\\{prompt\\}"):
-        load_data(dataclasses.replace(local, user_message="no placeholder"))
+        load_data(dataclasses.replace(local, template="no placeholder"))
     with pytest.raises(RecipeError, match="already messages"):
-        load_data(DataSpec(task=None, dataset=str(write_chat_rows(tmp_path)), user_message="{prompt}!"))
+        load_data(DataSpec(task=None, dataset=str(write_chat_rows(tmp_path)), template="{prompt}!"))
+    with pytest.raises(RecipeError, match="already messages"):
+        load_data(DataSpec(task=None, dataset=str(write_chat_rows(tmp_path)), chat=True))
+    with pytest.raises(RecipeError, match=r"\{level\} name no column"):
+        load_data(dataclasses.replace(local, template="{prompt} ({level})"))
     # braces in the template are kept as written
-    boxed = load_data(dataclasses.replace(local, user_message="{prompt} Put it in \\boxed{}."))
+    boxed = load_data(dataclasses.replace(local, template="{prompt} Put it in \\boxed{}."))
     assert boxed[0]["prompt"][0]["content"].endswith("many in all? Put it in \\boxed{}.")
 
 

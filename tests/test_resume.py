@@ -33,8 +33,10 @@ RECIPE = HERE.parent / "recipes" / "tiny" / "grpo.yaml"
 # checkpoint at an odd step falls inside a generation cycle.
 CYCLE = ["per_device_train_batch_size=16", "steps_per_generation=2", "num_generations=4", "data.num_prompts=8",
          "max_steps=6", "methods=[{name: aepo, num_samples: 8, prompt_fraction: 0.5, temperature_high: 1.5, "
-         "temperature_low: 0.6}, {name: entropy_bonus, adaptive: true, coef: 0.01, target: 1.0}]"]
-TIMING = {"step_time"}  # wall-clock keys differ between any two runs
+         "temperature_low: 0.6}, {name: entropy_bonus, adaptive: true, coef: 0.01, target: 1.0}]",
+         # evaluation during training at step 4 and at the end (6): the figures must survive a resume
+         "eval={datasets: [task:arithmetic], every: 4, k: 4, num_prompts: 12, batch_size: 5}"]
+TIMING = {"step_time", "eval/seconds"}  # wall-clock keys differ between any two runs
 
 
 def step_rows(run_dir: Path) -> list[dict]:
@@ -61,6 +63,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_model_path, tmp_path):
     expected = step_rows(full)
     assert [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
     assert any(r["aepo/injected"] for r in expected)  # the adaptive method did something
+    assert [r["step"] for r in expected if "eval/arithmetic/pass@4" in r] == [4, 6]  # every 4 steps, and the end
 
     # 1. From checkpoint-3 (mid-cycle, epoch 1) into a fresh directory.
     resumed = tmp_path / "resumed"

@@ -49,6 +49,44 @@ def test_cli_reports_a_range_error_with_exit_code_2(capsys):
     assert "temperature must be > 0" in err and "Traceback" not in err
 
 
+def bad_train_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    """What a new user gets wrong, and the one line each must end in: (train arguments, message)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  name_or_path: tiny\ndata: {task: arithmetic\nmax_steps: 3\n")
+    bad_rows = tmp_path / "rows.jsonl"
+    bad_rows.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": \n')
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = f"output_dir={tmp_path / 'run'}"
+    return [
+        ([str(broken)], f"{broken}:4:10: not valid YAML: expected ',' or '}}'"),
+        ([str(RECIPE), "model.name_or_path=./models/none", out], "model.name_or_path: the directory ./models/none does not exist"),
+        ([str(RECIPE), "data.task=null", f"data.dataset={bad_rows}", out], f"{bad_rows}: cannot read it as JSONL"),
+        ([str(RECIPE), f"output_dir={blocker}/run"], f"output_dir {blocker}/run: cannot create it"),
+        ([str(RECIPE), "model.name_or_path=no-such-org/no-such-model", out], "cannot load its tokenizer"),
+        ([str(RECIPE), "data.config_name=main", out], "'data.config_name' was renamed: use data.config"),
+    ]
+
+
+def test_bad_train_inputs_end_in_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for args, message in bad_train_inputs(tmp_path):
+        assert main(["train", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("rlvr-entropy: error:") and message in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_deprecation_warning_the_user_cannot_act_on():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        recipe = load_recipe(RECIPE, ["gradient_checkpointing=true"])  # TRL's name still works
+    assert recipe.train.activation_checkpointing and recipe.train.gradient_checkpointing
+    assert not load_recipe(RECIPE).train.activation_checkpointing
+
+
 def test_think_marker_the_tokenizer_cannot_encode(tiny_model_path, tmp_path):
     recipe = load_recipe(RECIPE, [*FAST, f"output_dir={tmp_path}", "methods=[{name: pear}]", "think_marker=§"])
     with pytest.raises(MethodConfigError, match=r"think_marker '§' encodes to no tokens .* pear .* Set think_marker"):

@@ -118,6 +118,35 @@ def test_whole_vocabulary_equals_exact(llm, tiny_model_path: Path) -> None:
     assert torch.allclose(torch.cat(stats["entropy"]), torch.cat(h_exact), atol=1e-4)
 
 
+def test_evaluation_through_vllm_gives_the_figures_and_the_exact_entropy(llm, tiny_model_path: Path, capsys) -> None:
+    """`evaluate --backend vllm`'s sampler: the whole vocabulary gives the exact entropy of the sampled tokens,
+    top-20 a lower bound; the figures come out as with HF generate; the CLI prints the lower-bound note."""
+    from transformers import AutoTokenizer
+
+    from rlvr_entropy.cli import main
+    from rlvr_entropy.evaluation import VLLMSampler, evaluate_dataset, tokenize_prompts
+    from rlvr_entropy.tasks import make_dataset
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows = make_dataset("arithmetic", 6, seed=2, split="eval")
+    whole = VLLMSampler(llm, tok, TEMPERATURE, topk=-1)
+    drawn = whole(list(rows["prompt"]), 4, seed=3, max_new_tokens=8)  # 4 per prompt, as exact() reads them
+    ids = tokenize_prompts(tok, list(rows["prompt"]))
+    samples = [s for row in drawn for s in row]
+    h_exact, _ = exact(tiny_model_path, ids, [s.token_ids for s in samples])
+    assert torch.allclose(torch.cat([s.entropy for s in samples]), torch.cat(h_exact), atol=1e-4)
+    top20 = VLLMSampler(llm, tok, TEMPERATURE, topk=20)(list(rows["prompt"]), 4, seed=3, max_new_tokens=8)
+    assert [s.token_ids for r in top20 for s in r] == [s.token_ids for s in samples]  # same seed, same tokens
+    assert all((a.entropy <= b.entropy + 1e-4).all() for r, q in zip(top20, drawn) for a, b in zip(r, q))
+    report = evaluate_dataset(whole, rows, "arithmetic", samples=2, k=2, max_new_tokens=8, batch_size=4)
+    assert set(report.figures) >= {"pass@1", "pass@2", "maj@2", "entropy", "length", "truncated"}
+    assert 0 <= report.figures["pass@1"] <= report.figures["pass@2"] <= 1
+    assert main(["evaluate", str(tiny_model_path), "--data", "task:arithmetic", "--backend", "vllm", "--k", "2",
+                 "--num-prompts", "8", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "8 x 2" in out and "lower bound" in out
+
+
 def test_asking_for_topk_keeps_trls_sampled_logprobs(llm, tiny_model_path: Path) -> None:
     p = prompts(tiny_model_path)
     plain = generate(llm, p, logprobs=0, seed=5)

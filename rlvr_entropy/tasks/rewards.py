@@ -11,6 +11,7 @@ builtin.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from fractions import Fraction
@@ -38,6 +39,18 @@ _RATIONAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 # A power with a small literal exponent, the only kind allowed through to sympy (see _safe_for_sympy).
 _SMALL_POWER = re.compile(r"\^(?:\{-?\d{1,2}\}|\d{1,2}(?!\d))")
 _MAX_SYMPY_CHARS = 64
+
+
+class _TimeoutsOffOnPurpose(logging.Filter):
+    """Drops math-verify's warning that its timeouts are off: answers_match turns them off on purpose (they use
+    SIGALRM, main thread only) and guards sympy itself (_safe_for_sympy; the reward sandbox's timeout)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_TimeoutsOffOnPurpose())
 
 
 def _last_boxed(text: str) -> str | None:
