@@ -256,7 +256,9 @@ def _eval_sampler(name: str, data: list, args: argparse.Namespace):
         return VLLMSampler.build(model_path, tokenizer, args.temperature, args.top_p, topk=args.vllm_topk,
                                  seed=args.seed), model_path
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars between the tables
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto" if device == "cuda" else torch.float32)

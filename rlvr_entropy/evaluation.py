@@ -417,7 +417,7 @@ def format_table(reports: Sequence[tuple[str, DatasetReport]], markdown: bool = 
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows]) + (
+    return "\n".join([fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows]) + (
         "\n(entropy: mean [p10 p50 p90] nats per sampled token; length: tokens per sample; "
         "truncated: share without EOS)"
     )

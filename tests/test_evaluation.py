@@ -346,3 +346,23 @@ def test_generation_entropy_equals_the_training_pass_entropy_of_the_same_tokens(
     again = HFSampler(model, tokenizer, temperature)(prompts, 3, seed=11, max_new_tokens=8)
     assert [s.token_ids for row in again for s in row] == [s.token_ids for s in samples]  # seeded
 
+
+
+def test_a_run_directory_resolves_to_its_final_model_else_its_latest_checkpoint(tmp_path):
+    from rlvr_entropy.runner import model_directory
+
+    run = tmp_path / "run"
+    for step in (2, 10, 9):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "config.json").write_text("{}")
+    (run / "checkpoint-11").mkdir()  # being written: no config.json yet
+    assert model_directory(str(run)) == str(run / "checkpoint-10")
+    (run / "config.json").write_text("{}")
+    assert model_directory(str(run)) == str(run)  # the final model, saved at the end of training
+    assert model_directory(str(run / "checkpoint-2")) == str(run / "checkpoint-2")
+    assert model_directory("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"  # a hub id, left to transformers
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="holds no model"):
+        model_directory(str(tmp_path / "empty"))
+    with pytest.raises(RecipeError, match="does not exist"):
+        model_directory(str(tmp_path / "none" / "deeper"))
