@@ -240,14 +240,15 @@ def evaluate_dataset(
 # Samplers
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
-    """Prompt token ids as TRL's GRPO makes them: the chat template (with the generation prompt) for
-    conversations, the tokenizer's own call for plain text."""
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[Any], chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Prompt token ids as TRL's GRPO makes them: the chat template (with the generation prompt and TRL's
+    ``chat_template_kwargs``, e.g. ``enable_thinking``) for conversations, the tokenizer's own call for plain text."""
     if prompts and isinstance(prompts[0], list):
         if getattr(tokenizer, "chat_template", None) is None:
             raise EvaluationError("the prompts are chat messages (data.chat) but the tokenizer has no chat template; "
                                   "drop chat, or use the model's own tokenizer")
-        out = tokenizer.apply_chat_template(list(prompts), add_generation_prompt=True, tokenize=True, return_dict=True)
+        out = tokenizer.apply_chat_template(list(prompts), add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            **(chat_template_kwargs or {}))
         return [list(ids) for ids in out["input_ids"]]
     return [list(ids) for ids in tokenizer(text=list(prompts))["input_ids"]]
 
@@ -286,11 +287,13 @@ class HFSampler:
     at ``temperature`` and ``top_p`` alone, as TRL's GRPO samples it with its defaults.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, temperature: float, top_p: float = 1.0) -> None:
+    def __init__(self, model: Any, tokenizer: Any, temperature: float, top_p: float = 1.0,
+                 chat_template_kwargs: dict | None = None) -> None:
         if tokenizer.pad_token_id is None:
             raise EvaluationError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token)")
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p = temperature, top_p
+        self.chat_template_kwargs = chat_template_kwargs
         self.eos = eos_token_ids(tokenizer, model)
 
     @torch.no_grad()
@@ -298,7 +301,7 @@ class HFSampler:
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id
-        rows = [ids for ids in tokenize_prompts(self.tokenizer, prompts) for _ in range(n)]  # prompt-major
+        rows = [ids for ids in tokenize_prompts(self.tokenizer, prompts, self.chat_template_kwargs) for _ in range(n)]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B·n, P), left-padded
         attention = torch.zeros_like(input_ids)

@@ -23,8 +23,8 @@ from typing import Any
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
-from rlvr_entropy.config import EvalDataSpec, EvalSpec
-from rlvr_entropy.data import load_data
+from rlvr_entropy.config import EvalDataSpec, EvalSpec, RecipeError
+from rlvr_entropy.data import find_bad_rows, load_data, summarize_bad_rows
 from rlvr_entropy.evaluation import HFSampler, evaluate_dataset
 from rlvr_entropy.tensor_ops import stable_hash
 
@@ -34,12 +34,23 @@ EVAL_PREFIX = "eval/"
 
 
 def load_eval_rows(spec: EvalDataSpec, num_prompts: int | None) -> Any:
-    """An evaluation dataset's rows (``prompt``, ``answer``): its first ``num_prompts`` (a task draws that many)."""
+    """An evaluation dataset's rows (``prompt``, ``answer``): its first ``num_prompts`` (a task draws that many).
+
+    Rows without a prompt or a reference answer cannot be scored: they are dropped with a warning that
+    counts them (every row of the dataset missing one is an error).
+    """
     if spec.dataset is None and num_prompts is not None:
         spec = dataclasses.replace(spec, num_prompts=num_prompts)
     rows = load_data(spec, purpose="eval")
     if num_prompts is not None and len(rows) > num_prompts:
         rows = rows.select(range(num_prompts))
+    bad = find_bad_rows(rows, {"answer": ["evaluation"]}, None, None)
+    if bad:
+        summary = summarize_bad_rows(bad, len(rows))
+        if len(bad) == len(rows):
+            raise RecipeError(f"{spec.name}: no row can be evaluated: {summary}")
+        logger.warning("%s: skipping %s", spec.name, summary)
+        rows = rows.select([i for i in range(len(rows)) if i not in bad])
     return rows
 
 
@@ -80,7 +91,8 @@ class PeriodicEval(TrainerCallback):
             was_training = model.training
             model.eval()
             try:
-                sampler = HFSampler(model, trainer.processing_class, temperature, spec.top_p)
+                sampler = HFSampler(model, trainer.processing_class, temperature, spec.top_p,
+                                    chat_template_kwargs=getattr(trainer, "chat_template_kwargs", None))
                 for name, rows in self.datasets:
                     report = evaluate_dataset(
                         sampler, rows, name, samples=spec.samples or spec.k, k=spec.k, max_new_tokens=max_new_tokens,

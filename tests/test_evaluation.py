@@ -366,3 +366,17 @@ def test_a_run_directory_resolves_to_its_final_model_else_its_latest_checkpoint(
         model_directory(str(tmp_path / "empty"))
     with pytest.raises(RecipeError, match="does not exist"):
         model_directory(str(tmp_path / "none" / "deeper"))
+
+
+def test_rows_without_an_answer_are_skipped_and_counted(tmp_path, caplog):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"q": "1+1=", "a": "2"}, {"q": "2+2=", "a": None}, {"q": "  ", "a": "5"}, {"q": "3+3=", "a": "6"}]))
+    with caplog.at_level("WARNING"):
+        kept = load_eval_rows(parse_data_spec(f"{rows},prompt=q,answer=a"), None)
+    assert list(kept["prompt"]) == ["1+1=", "3+3="]
+    assert "skipping 2 of 4 rows" in caplog.text
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps({"q": "1+1=", "a": ""}) + "\n")
+    with pytest.raises(RecipeError, match="no row can be evaluated"):
+        load_eval_rows(parse_data_spec(f"{none},prompt=q,answer=a"), None)
