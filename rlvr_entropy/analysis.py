@@ -259,6 +259,31 @@ def tradeoff_table(tradeoffs: Sequence[Tradeoff]) -> str:
     )
 
 
+def progress(run_dir: str | Path) -> str:
+    """One compact line about a run that may still be training: step / max_steps, latest accuracy and entropy."""
+    path = Path(run_dir)
+    if not (path / "metrics.jsonl").is_file():
+        return f"{path.name}: waiting"
+    rows, final = _read_lines(path)
+    recipe = path / "recipe.yaml"
+    total = (yaml.safe_load(recipe.read_text()) or {}).get("max_steps") if recipe.is_file() else None
+    step = int(rows[-1].get("step", 0)) if rows else 0
+    perf = series(rows, performance_key(rows))[1]
+    entropy = series(rows, ENTROPY)[1]
+    parts = [f"{path.name} {step}" + (f"/{total}" if total else "")]
+    if perf:
+        parts.append(f"acc {mean(perf[-5:]):.3f}")
+    if entropy:
+        parts.append(f"H {mean(entropy[-5:]):.3f}")
+    for name in eval_datasets(rows)[:1]:
+        _, p1, pk, k = pass_curve(rows, name)
+        if p1:
+            parts.append(f"eval pass@1 {p1[-1]:.3f} pass@{k} {pk[-1]:.3f}")
+    if final is not None:
+        parts.append("done")
+    return " ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # Small statistics
 
@@ -575,3 +600,22 @@ def compare_table(summaries: Sequence[RunSummary], *, markdown: bool = False, wi
     if any(not s.finished for s in summaries):
         note += "; * still running (or stopped before the end)"
     return "\n".join(lines) + "\n\n" + note
+
+
+def versus(summaries: Sequence[RunSummary], baseline: RunSummary) -> list[str]:
+    """One line per run saying what it did against ``baseline``: end entropy (relative), final accuracy, eval."""
+    lines = []
+    for s in summaries:
+        if s is baseline:
+            continue
+        parts = []
+        if s.entropy_end is not None and baseline.entropy_end:
+            rel = s.entropy_end / baseline.entropy_end - 1
+            parts.append(f"end entropy {s.entropy_end:.3f} nats ({rel:+.0%} vs {baseline.label})")
+        if s.final is not None and baseline.final is not None:
+            parts.append(f"final acc {s.final:.3f} ({s.final - baseline.final:+.3f})")
+        if s.eval_passk_final is not None and baseline.eval_passk_final is not None:
+            parts.append(f"eval pass@1 {s.eval_pass1_final:.3f} ({s.eval_pass1_final - baseline.eval_pass1_final:+.3f}), "
+                         f"pass@{s.eval_k} {s.eval_passk_final:.3f} ({s.eval_passk_final - baseline.eval_passk_final:+.3f})")
+        lines.append(f"{s.label}: " + ("; ".join(parts) if parts else "nothing to compare yet"))
+    return lines

@@ -82,11 +82,33 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rlvr_entropy.analysis import compare_table, load_run, summarize_run
+    from rlvr_entropy.analysis import compare_table, load_run, summarize_run, versus
 
     summaries = [summarize_run(load_run(run), window=args.window) for run in args.runs]
     print(compare_table(summaries, markdown=args.markdown, window=args.window))
+    if args.baseline is not None:
+        names = [Path(run).name for run in args.runs]
+        if args.baseline not in names:
+            raise FileNotFoundError(f"--baseline {args.baseline!r} is not one of the runs ({', '.join(names)})")
+        print()
+        print("\n".join(versus(summaries, summaries[names.index(args.baseline)])))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """One line per interval about each run until every run has finished (or --once)."""
+    import time
+
+    from rlvr_entropy.analysis import progress, read_final
+
+    started = time.monotonic()
+    while True:
+        line = " | ".join(progress(run) for run in args.runs)
+        print(f"[{time.monotonic() - started:4.0f}s] {line}", flush=True)
+        done = all((Path(run) / "metrics.jsonl").is_file() and read_final(run) is not None for run in args.runs)
+        if args.once or done:
+            return 0
+        time.sleep(args.interval)
 
 
 def _tradeoff(args: argparse.Namespace) -> int:
@@ -293,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--window", type=int, default=5, help="logged values averaged for start/final/best/min")
+    p.add_argument("--baseline", help="a run's directory name: one line per other run saying what it did against it")
     p.set_defaults(func=_compare)
+    p = sub.add_parser("watch", help="one line per interval with each run's step, accuracy, entropy and latest "
+                       "evaluation, until every run has finished")
+    p.add_argument("runs", nargs="+", help="run directories (a run not started yet shows as waiting)")
+    p.add_argument("--interval", type=float, default=15.0, help="seconds between lines")
+    p.add_argument("--once", action="store_true", help="print one line and exit")
+    p.set_defaults(func=_watch)
     p = sub.add_parser("fit-law", help="fit R = -a*exp(H) + b (Cui et al. 2025) to a run's entropy and accuracy; "
                        "print a, b, R^2 and the ceiling -a + b, draw the fit")
     p.add_argument("runs", nargs="+", help="run directories; each is fitted on its own")

@@ -78,22 +78,29 @@ def _logged(runs: Sequence[Run], key: str) -> bool:
 
 
 def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Panel]:
-    """The panels these runs have data for: entropy (training pass, rollout, by phase), reward and
-    accuracy, length, Cov(log pi, A), then every statistic of every method (``<method>/<stat>``)."""
+    """The panels these runs have data for: mean entropy beside accuracy, rollout entropy, entropy by phase,
+    reward, length, Cov(log pi, A), the entropy spread (p10-p90), evaluations, then every statistic of every
+    method (``<method>/<stat>``)."""
+    # The headline row: mean entropy beside accuracy, lines only, so that runs that differ look apart; the
+    # per-token spread (p10-p90, which reaches 0 and would drown the means) has panels of its own below.
+    accuracy = ACCURACY if any(_logged([run], ACCURACY) for run in runs) else REWARD
     candidates = [
-        Panel("token entropy, training pass (nats): mean, p10-p90 band", ((ENTROPY, "-"),), ("entropy/p10", "entropy/p90")),
-        Panel("token entropy, rollouts (nats): mean, p10-p90 band", ((ROLLOUT_ENTROPY, "-"),),
-              ("rollout_entropy/p10", "rollout_entropy/p90")),
+        Panel("token entropy, training pass (nats): mean", ((ENTROPY, "-"),)),
+        Panel(f"accuracy ({accuracy})" if accuracy == ACCURACY else "reward", ((accuracy, "-"),), smooth=True),
+        Panel("token entropy, rollouts (nats): mean", ((ROLLOUT_ENTROPY, "-"),)),
         Panel("entropy by phase (nats): think vs answer", ((THINK, "-"), (ANSWER, "--")),
               note="solid: think, dashed: answer"),
-        Panel("reward (all reward functions and shaping)", ((REWARD, "-"),), smooth=True),
     ]
-    # Accuracy gets its own panel only when it differs from the reward (shaping or several functions).
-    if any(r.get(ACCURACY) != r.get(REWARD) for run in runs for r in run.rows if ACCURACY in r):
-        candidates.append(Panel(f"accuracy ({ACCURACY})", ((ACCURACY, "-"),), smooth=True))
+    # The total reward gets its own panel only when it differs from the accuracy (shaping or several functions).
+    if accuracy == ACCURACY and any(r.get(ACCURACY) != r.get(REWARD) for run in runs for r in run.rows if ACCURACY in r):
+        candidates.append(Panel("reward (all reward functions and shaping)", ((REWARD, "-"),), smooth=True))
     candidates += [
         Panel("completion length (tokens, mean)", ((LENGTH, "-"),)),
         Panel("Cov(log pi, A) of valid tokens (> 0: entropy falls)", ((COVARIANCE, "-"),), smooth=True),
+        Panel("token entropy spread, training pass: p50, p10-p90 band", (("entropy/p50", "-"),),
+              ("entropy/p10", "entropy/p90")),
+        Panel("token entropy spread, rollouts: p50, p10-p90 band", (("rollout_entropy/p50", "-"),),
+              ("rollout_entropy/p10", "rollout_entropy/p90")),
     ]
     for name in dict.fromkeys(d for run in runs for d in eval_datasets(run.rows)):
         k = max((eval_k(run.rows, name) or 1 for run in runs), default=1)

@@ -25,17 +25,21 @@ train() {
 finish() {  # wait for a run; on failure show why and stop
   if ! wait "$1"; then echo "[quickstart] $2 failed:"; tail -n 30 "$OUT/$2.log"; exit 1; fi
 }
+RUNS=("$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov")
+# One line every 20 s while the runs train: step, accuracy, entropy, latest evaluation of each.
+rlvr-entropy watch "${RUNS[@]}" --interval 20 & watcher=$!
+trap 'kill "$watcher" 2>/dev/null || true' EXIT
 train grpo & grpo=$!
 train clip_cov & clip_cov=$!
 finish "$grpo" grpo
 train kl_cov & kl_cov=$!
 finish "$clip_cov" clip_cov
 finish "$kl_cov" kl_cov
-RUNS=("$OUT/grpo" "$OUT/clip_cov" "$OUT/kl_cov")
+kill "$watcher" 2>/dev/null || true
 echo "[quickstart] before (tiny) and after training:"
 rlvr-entropy evaluate tiny "${RUNS[@]}" "${EVAL[@]}" --json "$OUT/evaluation.json"
 rlvr-entropy plot "${RUNS[@]}" -o "$OUT/curves.png"
-rlvr-entropy compare "${RUNS[@]}"
+rlvr-entropy compare "${RUNS[@]}" --baseline grpo   # the table, then one line per method against GRPO
 # The law fit refuses a run whose entropy hardly moved (exit 2, reason printed): not a failed quickstart.
 rlvr-entropy fit-law "${RUNS[@]}" -o "$OUT/entropy_law.png" || echo "[quickstart] the law was not fitted to every run (see above)"
 rlvr-entropy covariance "${RUNS[@]}" -o "$OUT/covariance.png"

@@ -279,3 +279,18 @@ def test_tradeoff_table_and_figure(tmp_path, capsys):
     assert lines[1].split()[-6:] == ["0.300", "0.600", "+0.300", "0.800", "0.650", "-0.150"]
     assert lines[2].split()[-6:] == ["0.300", "0.550", "+0.250", "0.800", "0.820", "+0.020"]
     assert out_png.stat().st_size > 10_000
+
+
+def test_watch_and_versus_lines(tmp_path, capsys):
+    write_run(tmp_path / "grpo", eval_rows([0.3, 0.5, 0.6], [0.8, 0.7, 0.65]))
+    write_run(tmp_path / "kept", eval_rows([0.3, 0.45, 0.55], [0.8, 0.8, 0.82]), methods=[{"name": "kl_cov"}],
+              final={"step": 12, "train_runtime": 30.0})
+    assert main(["watch", str(tmp_path / "grpo"), str(tmp_path / "kept"), str(tmp_path / "later"), "--once"]) == 0
+    line = capsys.readouterr().out
+    assert "grpo 12 acc" in line and "eval pass@1 0.600 pass@4 0.650 |" in line
+    assert "kept 12 acc" in line and "pass@4 0.820 done" in line and "later: waiting" in line
+    assert main(["compare", str(tmp_path / "grpo"), str(tmp_path / "kept"), "--baseline", "grpo"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("kept [kl_cov]: end entropy") and "(+0% vs grpo)" in last
+    assert "eval pass@1 0.550 (-0.050), pass@4 0.820 (+0.170)" in last
+    assert main(["compare", str(tmp_path / "grpo"), "--baseline", "nope"]) == 2

@@ -45,12 +45,13 @@ def test_training_figure_has_a_panel_per_quantity_and_names_runs(runs):
     base, klc, pear = runs
     fig = runs_figure([base, klc, pear])
     t = titles(fig)
-    assert t[0].startswith("token entropy, training pass")
-    assert t[1].startswith("token entropy, rollouts")
-    assert t[2].startswith("entropy by phase")           # PEAR's think vs answer
-    assert any(x.startswith("reward") for x in t)
-    # PEAR shapes the reward, so accuracy is drawn apart from it
-    assert any(x.startswith("accuracy (rewards/correctness/mean)") for x in t)
+    # the headline row: mean entropy beside accuracy
+    assert t[0] == "token entropy, training pass (nats): mean"
+    assert t[1].startswith("accuracy (rewards/correctness/mean)")
+    assert t[2].startswith("token entropy, rollouts")
+    assert t[3].startswith("entropy by phase")           # PEAR's think vs answer
+    # PEAR shapes the reward, so the reward is drawn apart from the accuracy
+    assert any(x.startswith("reward (all reward functions") for x in t)
     assert any(x.startswith("completion length") for x in t)
     assert any(x.startswith("Cov(log pi, A)") for x in t)
     # every method statistic logged, under its own name; PEAR's phase entropies are in the phase panel only
@@ -63,8 +64,11 @@ def test_training_figure_has_a_panel_per_quantity_and_names_runs(runs):
     entropy_ax = fig.axes[0]
     colors = {line.get_color() for line in entropy_ax.get_lines() if line.get_linewidth() > 1}
     assert len(colors) == 3
-    # the p10-p90 band is filled for each run that logs it (the PEAR fixture logs no percentiles)
-    assert len(entropy_ax.collections) == 2
+    # no band drowns the means; the p10-p90 band is filled on its own panel for each run that logs it (the PEAR
+    # fixture logs no percentiles)
+    assert len(entropy_ax.collections) == 0
+    spread_ax = fig.axes[t.index("token entropy spread, training pass: p50, p10-p90 band")]
+    assert len(spread_ax.collections) == 2
 
 
 def test_phase_panel_draws_think_and_answer(runs):
@@ -81,7 +85,7 @@ def test_phase_panel_draws_think_and_answer(runs):
 def test_runs_without_methods_or_phases_get_only_the_panels_they_logged(runs):
     base, *_ = runs
     t = titles(runs_figure([base]))
-    assert len(t) == 6 and not any("phase" in x or x.split(" ")[0].count("/") for x in t), t
+    assert len(t) == 7 and not any("phase" in x or x.split(" ")[0].count("/") for x in t), t
     # method panels come from the run's recipe, and from the names given (default: the registry)
     _, klc, _ = runs
     assert any(x.startswith("kl_cov/penalty") for x in titles(runs_figure([klc], methods=[])))  # from its recipe
