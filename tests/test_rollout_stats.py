@@ -13,6 +13,7 @@ from rlvr_entropy.methods import Method
 from rlvr_entropy.rollout_stats import (
     find_marker,
     pad_rows,
+    step_entropy,
     step_entropy_and_logprobs,
     topk_entropy,
     topk_token_stats,
@@ -97,6 +98,17 @@ def test_step_entropy_handles_masked_logits():
     entropy, logp = step_entropy_and_logprobs(logits, 1.0)
     assert torch.allclose(entropy, torch.tensor([np.log(2), np.log(3)], dtype=torch.float32))
     assert torch.isfinite(entropy).all() and logp.shape == (2, 3)
+    assert torch.equal(step_entropy(logits, 1.0), entropy)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_step_entropy_equals_the_log_softmax_definition(temperature):
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 4
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    expected = -(logp.exp() * logp).sum(-1)
+    entropy, got_logp = step_entropy_and_logprobs(logits, temperature)
+    assert torch.allclose(entropy, expected, atol=1e-5) and torch.allclose(got_logp, logp, atol=1e-5)
+    assert torch.allclose(step_entropy(logits, temperature), expected, atol=1e-5)
 
 
 def test_find_marker_multi_token_first_occurrence():
