@@ -31,3 +31,22 @@ def test_gpu_check_cpu_tiny_times_trl_and_every_method(tmp_path):
     table = (out / "gpu_check.md").read_text()
     assert "| none |" in table and "| steer |" in table and "vs TRL" in table
     assert report["meta"]["vllm"] == {"skipped": "--no-vllm"}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_bench_overhead_times_each_configuration_in_its_own_process(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--out", str(out), "--rounds", "1",
+           "--steps", "2", "--warmup", "1", "--batch", "16", "--max-tokens", "8", "--methods", "clip_cov"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "bench_overhead.json").read_text())
+    assert list(report["results"]) == ["trl", "none", "clip_cov"]
+    for name, r in report["results"].items():
+        assert r["step_s"] > 0 and r["peak_rss_mib"] > 100, name
+        assert r["generation"] > 0 and r["loss"] > 0 and r["backward"] > 0 and r["reward"] > 0, (name, r)
+        assert r["rollout_stats"] == 0  # HF generate: the statistics come from generate itself, no extra forward
+    table = (out / "bench_overhead.md").read_text()
+    assert "| none |" in table and "| TRL | 1.02" in table and "| clip_cov |" in table and "| no method | 1.03" in table
