@@ -107,7 +107,7 @@ class StepTimer(TrainerCallback):
 def train_args(opts: argparse.Namespace, out: Path, **extra: Any) -> dict[str, Any]:
     gpu = not opts.cpu
     return dict(
-        output_dir=str(out), use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False, report_to="none",
+        output_dir=str(out), use_cpu=not gpu, bf16=gpu, activation_checkpointing=False, report_to="none",
         save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0,
         per_device_train_batch_size=opts.batch, num_generations=8, steps_per_generation=1,
         max_completion_length=opts.max_tokens, max_steps=opts.warmup + opts.steps, learning_rate=1e-6,

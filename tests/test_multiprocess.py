@@ -58,6 +58,7 @@ def test_cli_under_launchers(tiny_model_path, tmp_path, launcher):
     cmd = [*LAUNCHERS[launcher], "-m", "rlvr_entropy", "train", str(recipe), "max_steps=2", f"output_dir={out}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-4000:]  # none the user could act on
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == [1, 2]

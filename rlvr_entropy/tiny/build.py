@@ -112,7 +112,9 @@ def warm_start(
         data_seed=settings.seed,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        # transformers' current name; TRL's default for the old one would print a FutureWarning
+        activation_checkpointing=False,
+        gradient_checkpointing=None,
         report_to="none",
         save_strategy="no",
         logging_steps=max(1, settings.sft_steps // 5),
