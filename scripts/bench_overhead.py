@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.worker:
         return worker(opts)
 
-    from gpu_check import TINY, build_model
+    from gpu_check import TINY, build_model, write_report
 
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"layers, vocabulary {config.vocab_size}",
             "batch": opts.batch, "max_tokens": opts.max_tokens, "steps": opts.steps, "rounds": opts.rounds,
             "seconds": time.perf_counter() - started}
-    (out / "bench_overhead.json").write_text(json.dumps({"meta": meta, "results": results, "rounds": rounds}, indent=2))
-    table = markdown(results, meta)
-    (out / "bench_overhead.md").write_text(table)
-    print(table)
-    print(f"[bench_overhead] {meta['seconds']:.0f} s; wrote {out / 'bench_overhead.json'} and {out / 'bench_overhead.md'}")
+    write_report(out, "bench_overhead", meta, results, rounds, markdown(results, meta))
     return 0
 
 

@@ -270,12 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             "batch": opts.batch, "max_tokens": opts.max_tokens, "steps": opts.steps, "rounds": opts.rounds,
             "vllm": {"skipped": "--no-vllm"} if opts.no_vllm else vllm_section(model_dir, opts, dataset, out)}
     meta["seconds"] = time.perf_counter() - started
-    (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "results": results, "rounds": rounds}, indent=2))
-    table = markdown(results, meta)
-    (out / "gpu_check.md").write_text(table)
-    print(table)
-    print(f"[gpu_check] {meta['seconds']:.0f} s; wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    write_report(out, "gpu_check", meta, results, rounds, markdown(results, meta))
     return 0
+
+
+def write_report(out: Path, stem: str, meta: dict[str, Any], results: dict, rounds: dict, table: str) -> None:
+    """``<out>/<stem>.json`` (meta, medians, every round) and ``<out>/<stem>.md`` (the table), and print the table."""
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results, "rounds": rounds}, indent=2))
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"[{stem}] {meta['seconds']:.0f} s; wrote {out / f'{stem}.json'} and {out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":
