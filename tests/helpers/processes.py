@@ -28,3 +28,14 @@ def torchrun(worker: str, *args: object, nproc: int = 2) -> list[str]:
 def python(worker: str, *args: object) -> list[str]:
     """The command that runs ``tests/workers/<worker>`` in one plain Python process."""
     return [sys.executable, str(WORKERS / worker), *map(str, args)]
+
+
+def finish_worker(accelerator) -> None:
+    """End a worker rank whose results are on disk: meet the other ranks, tear gloo down, and leave without
+    interpreter teardown, where a rank occasionally aborted on a C++ thread ("terminate called without an
+    active exception", seen once in CI after both ranks had written their results)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

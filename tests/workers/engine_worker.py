@@ -24,6 +24,7 @@ if os.environ.get("RLVR_TEST_FSDP_CPU") == "1":
 
     fsdp_cpu_shim.install()
 
+from helpers.processes import finish_worker  # noqa: E402  (tests/ is on PYTHONPATH)
 from rlvr_entropy.config import load_recipe  # noqa: E402
 from rlvr_entropy.runner import build_trainer  # noqa: E402
 
@@ -101,8 +102,7 @@ def main() -> None:
     if nan_at is not None:
         rank = trainer.accelerator.process_index
         (out / f"guard{rank}.json").write_text(json.dumps({"checksums": checksums.sums, "counters": trainer._counters}))
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_worker(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers.processes import finish_worker  # noqa: E402
 from helpers.trainers import cpu_args, prompt_rows  # noqa: E402  (tests/ is on PYTHONPATH)
 from transformers import AutoTokenizer, set_seed
 
@@ -120,7 +121,7 @@ def main() -> None:
         }
         (out_dir / f"{name}_{world}_{rank}.json").write_text(json.dumps(result))
         trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_worker(trainer.accelerator)
 
 
 if __name__ == "__main__":

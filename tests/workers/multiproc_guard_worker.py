@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from helpers.processes import finish_worker  # noqa: E402  (tests/ is on PYTHONPATH)
 from rlvr_entropy.config import load_recipe
 from rlvr_entropy.runner import build_trainer
 
@@ -50,8 +51,7 @@ def main() -> None:
     rank = trainer.accelerator.process_index
     (out / f"rank{rank}.json").write_text(json.dumps(
         {"checksums": checksums.sums, "counters": trainer._counters, "expected_errors": seen["plus"]}))
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_worker(trainer.accelerator)
 
 
 if __name__ == "__main__":

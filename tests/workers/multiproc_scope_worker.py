@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.processes import finish_worker  # noqa: E402
 from helpers.trainers import cpu_args, prompt_rows  # noqa: E402  (tests/ is on PYTHONPATH)
 from transformers import AutoTokenizer, set_seed
 
@@ -67,9 +68,7 @@ def main() -> None:
     state = trainer.pipeline.state_dict()[method["name"].rsplit(".", 1)[-1]]
     result = {"selected": pairs, "advantages": out["advantages"].tolist(), "state": state}
     (out_dir / f"result{world}_{rank}.json").write_text(json.dumps(result))
-    # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_worker(trainer.accelerator)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from helpers.processes import finish_worker  # noqa: E402
 from helpers.trainers import cpu_args, prompt_rows  # noqa: E402  (tests/ is on PYTHONPATH)
 from transformers import AutoTokenizer, set_seed
 
@@ -83,9 +84,7 @@ def main() -> None:
         local_tokens=float(out["completion_mask"].sum()),
     )
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-    # Tear gloo down explicitly: left to interpreter exit, a rank can abort after a successful run.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_worker(trainer.accelerator)
 
 
 if __name__ == "__main__":
