@@ -75,6 +75,16 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def checkpointing_off() -> dict[str, Any]:
+    """TrainingArguments keywords that turn activation (gradient) checkpointing off under the name this
+    transformers uses: ``activation_checkpointing`` since 5.2x (the old name then warns), else the old one."""
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"activation_checkpointing": False, "gradient_checkpointing": None}
+    return {"gradient_checkpointing": False}
+
+
 class RecipeError(ValueError):
     """A recipe or override is invalid; the message says what to change."""
 

@@ -33,6 +33,8 @@ import torch  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 
+from rlvr_entropy.config import checkpointing_off  # noqa: E402
+
 QWEN_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                 intermediate_size=4864, vocab_size=151936)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -107,7 +109,7 @@ class StepTimer(TrainerCallback):
 def train_args(opts: argparse.Namespace, out: Path, **extra: Any) -> dict[str, Any]:
     gpu = not opts.cpu
     return dict(
-        output_dir=str(out), use_cpu=not gpu, bf16=gpu, activation_checkpointing=False, report_to="none",
+        output_dir=str(out), use_cpu=not gpu, bf16=gpu, **checkpointing_off(), report_to="none",
         save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0,
         per_device_train_batch_size=opts.batch, num_generations=8, steps_per_generation=1,
         max_completion_length=opts.max_tokens, max_steps=opts.warmup + opts.steps, learning_rate=1e-6,

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM, set_seed
 from trl import SFTConfig, SFTTrainer
 
+from rlvr_entropy.config import checkpointing_off
 from rlvr_entropy.tasks import make_sft_dataset
 from rlvr_entropy.tiny.tokenizer import CHARACTERS, build_char_tokenizer
 
@@ -112,9 +113,7 @@ def warm_start(
         data_seed=settings.seed,
         use_cpu=True,
         bf16=False,
-        # transformers' current name; TRL's default for the old one would print a FutureWarning
-        activation_checkpointing=False,
-        gradient_checkpointing=None,
+        **checkpointing_off(),  # under transformers' current name: the old one prints a FutureWarning
         report_to="none",
         save_strategy="no",
         logging_steps=max(1, settings.sft_steps // 5),
