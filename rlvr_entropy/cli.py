@@ -187,19 +187,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from rlvr_entropy.config import check_eval_numbers, parse_data_spec
     from rlvr_entropy.evaluation import evaluate_dataset, format_table, report_json
     from rlvr_entropy.periodic_eval import load_eval_rows
+    from rlvr_entropy.runner import check_model_source
 
     check_eval_numbers(args.k, args.samples, "--")
     given = [parse_data_spec(d) for d in args.data] if args.data else None
     reports = []
-    from rlvr_entropy.runner import check_model_source
-
     for name in args.models:
         if name != "tiny":
             check_model_source(name, "model")  # a missing directory first, whatever else is wrong
         recipe = _run_recipe(name)
         data = given or _default_eval_data(name, recipe)
         rows = [(spec, load_eval_rows(spec, args.num_prompts)) for spec in data]  # bad data stops before the model
-        sampler, model_path = _eval_sampler(name, data, args)
+        sampler = _eval_sampler(name, data, args)
         for spec, dataset in rows:
             report = evaluate_dataset(
                 sampler, dataset, spec.name, samples=args.samples or args.k, k=args.k,
@@ -264,7 +263,7 @@ def _eval_sampler(name: str, data: list, args: argparse.Namespace):
     """The sampler of one model argument (``tiny``, a run, a checkpoint, a model directory or a hub id)."""
     import torch
 
-    from rlvr_entropy.config import ModelSpec
+    from rlvr_entropy.config import ModelSpec, first_line
     from rlvr_entropy.evaluation import EvaluationError, HFSampler, VLLMSampler
     from rlvr_entropy.runner import load_tokenizer, model_directory, resolve_model
 
@@ -276,7 +275,7 @@ def _eval_sampler(name: str, data: list, args: argparse.Namespace):
     tokenizer = load_tokenizer(model_path, "model")
     if args.backend == "vllm":
         return VLLMSampler.build(model_path, tokenizer, args.temperature, args.top_p, topk=args.vllm_topk,
-                                 seed=args.seed), model_path
+                                 seed=args.seed)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -285,8 +284,8 @@ def _eval_sampler(name: str, data: list, args: argparse.Namespace):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto" if device == "cuda" else torch.float32)
     except (OSError, ValueError) as err:
-        raise EvaluationError(f"model '{model_path}': cannot load it: {str(err).strip().splitlines()[0]}") from None
-    return HFSampler(model.to(device).eval(), tokenizer, args.temperature, args.top_p), model_path
+        raise EvaluationError(f"model '{model_path}': cannot load it: {first_line(err)}") from None
+    return HFSampler(model.to(device).eval(), tokenizer, args.temperature, args.top_p)
 
 
 def main(argv: list[str] | None = None) -> int:

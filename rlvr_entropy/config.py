@@ -89,6 +89,12 @@ class RecipeError(ValueError):
     """A recipe or override is invalid; the message says what to change."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @dataclass
 class EntropyGRPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus the entropy-control method list and rollout-statistics options."""
@@ -372,7 +378,7 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = getattr(err, "problem", None) or first_line(err)
         raise RecipeError(f"{path}{at}: not valid YAML: {problem}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read the file ({err})") from None

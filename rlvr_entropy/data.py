@@ -21,7 +21,7 @@ from typing import Any
 
 from datasets import Dataset, load_dataset
 
-from rlvr_entropy.config import DataSpec, RecipeError
+from rlvr_entropy.config import DataSpec, RecipeError, first_line
 from rlvr_entropy.tasks import make_dataset
 
 logger = logging.getLogger(__name__)
@@ -109,15 +109,13 @@ def _read_dataset(spec: DataSpec, purpose: str) -> Dataset:
                 return load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
         except (DatasetGenerationError, ValueError, OSError, UnicodeDecodeError) as err:
             cause = err.__cause__ or err.__context__ or err
-            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise RecipeError(f"{spec.dataset}: cannot read it as {suffix.upper()}: {detail}") from None
+            raise RecipeError(f"{spec.dataset}: cannot read it as {suffix.upper()}: {first_line(cause)}") from None
     split = spec.split or ("test" if purpose == "eval" else "train")
     try:
         return load_dataset(spec.dataset, spec.config, split=split)
     except (OSError, ValueError, ConnectionError) as err:  # offline, unknown id, unknown split or config
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RecipeError(
-            f"dataset '{spec.dataset}' (config {spec.config!r}, split {split!r}) could not be loaded: {first}. "
+            f"dataset '{spec.dataset}' (config {spec.config!r}, split {split!r}) could not be loaded: {first_line(err)}. "
             "A local file needs a .json/.jsonl/.csv/.parquet suffix; a hub dataset needs the hub or its cache"
         ) from None
 

@@ -15,7 +15,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from rlvr_entropy.config import ModelSpec, Recipe, RecipeError, peft_config, recipe_to_yaml
+from rlvr_entropy.config import ModelSpec, Recipe, RecipeError, first_line, peft_config, recipe_to_yaml
 from rlvr_entropy.data import load_data
 from rlvr_entropy.launch import LaunchError, check_geometry, launched_processes
 from rlvr_entropy.periodic_eval import PeriodicEval
@@ -89,8 +89,7 @@ def load_tokenizer(model_path: str, where: str = "model.name_or_path") -> AutoTo
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RecipeError(f"{where} '{model_path}': cannot load its tokenizer: {first}") from None
+        raise RecipeError(f"{where} '{model_path}': cannot load its tokenizer: {first_line(err)}") from None
 
 
 def prepare_output_dir(output_dir: str) -> None:
