@@ -143,3 +143,26 @@ def test_gsm8k_reference_is_the_number_after_the_hashes():
 )
 def test_extract_gsm8k_hash_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_integer_expressions_take_the_exact_path_and_agree_with_math_verify(monkeypatch):
+    """Sums of integer products (the split task's answers) are compared exactly, with math-verify's verdicts."""
+    import random
+
+    from math_verify import parse, verify
+
+    import rlvr_entropy.tasks.rewards as rewards
+
+    assert rewards.integer_value("-3+4*5-6") == 11 and rewards.integer_value("007+1") == 8
+    rng = random.Random(0)
+    cases = [("23+34", "57"), ("23+35", "57"), ("57", "0+57"), ("2*3+1", "7"), ("-5+62", "57"), ("10-3*2", "4"),
+             ("99999999999999999999+1", "100000000000000000000"), ("1+2+3+4", "10"), ("4*5", "21")]
+    for _ in range(40):
+        n = rng.randint(0, 200)
+        a = rng.randint(0, n)
+        cases.append((f"{a}+{n - a + rng.choice([0, 0, 1, -1])}", str(n)))
+    expected = [bool(verify(parse(f"${r}$", parsing_timeout=None), parse(f"${p}$", parsing_timeout=None),
+                            timeout_seconds=None)) for p, r in cases]
+    assert sum(expected) not in (0, len(cases))   # both verdicts occur
+    monkeypatch.setattr(rewards, "parse", lambda *a, **k: pytest.fail("math-verify called for an integer expression"))
+    assert [rewards.answers_match(p, r) for p, r in cases] == expected

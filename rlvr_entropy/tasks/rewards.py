@@ -39,6 +39,10 @@ _RATIONAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 # A power with a small literal exponent, the only kind allowed through to sympy (see _safe_for_sympy).
 _SMALL_POWER = re.compile(r"\^(?:\{-?\d{1,2}\}|\d{1,2}(?!\d))")
 _MAX_SYMPY_CHARS = 64
+# Sums and products of integers (the split task's "23+34"): exact in Python, 3000x faster than math-verify
+# (measured: 1.6 s for the 512 rewards of one tiny rollout, most of its generation step).
+_INTEGER_EXPRESSION = re.compile(r"[+-]?\d{1,40}(?:[+\-*]\d{1,40}){0,15}")
+_SIGNED_TERM = re.compile(r"([+-]?)(\d+(?:\*\d+)*)")
 
 
 class _TimeoutsOffOnPurpose(logging.Filter):
@@ -135,11 +139,23 @@ def _safe_for_sympy(answer: str) -> bool:
     return powers == 0 or (powers == 1 and bool(_SMALL_POWER.search(answer)))
 
 
+def integer_value(expression: str) -> int:
+    """The exact value of a sum of signed products of integers (``-3+4*5-6``, matched by _INTEGER_EXPRESSION)."""
+    total = 0
+    for sign, term in _SIGNED_TERM.findall(expression):
+        product = 1
+        for factor in term.split("*"):
+            product *= int(factor)
+        total += -product if sign == "-" else product
+    return total
+
+
 def answers_match(predicted: str, reference: str) -> bool:
     """Whether two answer strings denote the same value (``1/2``, ``0.5`` and ``\\frac{1}{2}`` do).
 
     ``reference`` may be a GSM8K worked solution: only its ``#### <answer>`` counts (reference_answer).
-    Fast paths first: equal normalised strings; two plain rationals compared exactly with Fraction.
+    Fast paths first: equal normalised strings; two plain rationals compared exactly with Fraction; two
+    sums of integer products (``23+34``, ``57``) evaluated exactly.
     Then math-verify, with its signal-based timeouts disabled so reward functions also work off the
     main thread (see _safe_for_sympy for the guard that replaces the timeout).
     """
@@ -150,6 +166,8 @@ def answers_match(predicted: str, reference: str) -> bool:
         return True
     if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(ref):
         return int(pred) == int(ref)  # the common case in the tiny world: no need for sympy
+    if _INTEGER_EXPRESSION.fullmatch(pred) and _INTEGER_EXPRESSION.fullmatch(ref):
+        return integer_value(pred) == integer_value(ref)
     if _RATIONAL.fullmatch(pred) and _RATIONAL.fullmatch(ref):
         try:
             return Fraction(pred) == Fraction(ref)
