@@ -76,7 +76,7 @@ def _recipes(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from rlvr_entropy.plotting import plot_runs
 
-    path = plot_runs(args.runs, args.output, smooth_window=args.smooth)
+    path = plot_runs(args.runs, args.output, smooth_window=args.smooth, dpi=args.dpi)
     print(f"wrote {path}")
     return 0
 
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")
     p.add_argument("-o", "--output", default="curves.png")
     p.add_argument("--smooth", type=int, default=5, help="moving-mean window of noisy curves, in logged points (1: raw)")
+    p.add_argument("--dpi", type=int, default=110, help="resolution of a PNG (lower: a smaller file)")
     p.set_defaults(func=_plot)
     p = sub.add_parser("compare", help="table of final/best accuracy, entropy start/end/min, length, steps, wall time")
     p.add_argument("runs", nargs="+", help="run directories (each with a metrics.jsonl)")

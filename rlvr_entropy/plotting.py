@@ -211,9 +211,9 @@ def runs_figure(
     return fig
 
 
-def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, **kwargs) -> Path:
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, dpi: int = 110, **kwargs) -> Path:
     """Draw :func:`runs_figure` to ``output`` (PNG, SVG, PDF by suffix)."""
-    return save_figure(runs_figure(run_dirs, **kwargs), output)
+    return save_figure(runs_figure(run_dirs, **kwargs), output, dpi=dpi)
 
 
 def save_figure(fig: Figure, output: str | Path, dpi: int = 110) -> Path:

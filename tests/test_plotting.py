@@ -148,6 +148,11 @@ def test_cli_plot_exit_codes(runs, tmp_path, capsys):
     out = tmp_path / "c.png"
     assert main(["plot", *map(str, runs), "-o", str(out)]) == 0
     assert out.is_file() and f"wrote {out}" in capsys.readouterr().out
+    small = tmp_path / "small.png"
+    assert main(["plot", *map(str, runs), "-o", str(small), "--dpi", "50"]) == 0
+    from PIL import Image
+
+    assert Image.open(small).size[0] == round(Image.open(out).size[0] * 50 / 110)
     assert main(["plot", str(tmp_path / "nope"), "-o", str(out)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
     empty = write_run(tmp_path / "empty", [], torn=True)   # started, nothing logged yet
