@@ -143,26 +143,42 @@ def run_round(name: str, methods: list[dict] | None, opts: argparse.Namespace, a
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
-    trl, none = results["trl"]["step_s"], results["none"]["step_s"]
+def reference(name: str) -> str | None:
+    """What a configuration's ratio is taken against: TRL for "none", "none" for a method, nothing for TRL."""
+    return None if name == "trl" else "trl" if name == "none" else "none"
+
+
+def paired_ratios(rounds: dict[str, list[dict[str, float]]]) -> dict[str, list[float]]:
+    """Per round, each configuration's step time over its reference's in the same round (run minutes apart,
+    so slow drift of the machine cancels), for every configuration that has a reference."""
+    return {name: [r["step_s"] / b["step_s"] for r, b in zip(runs, rounds[ref], strict=True)]
+            for name, runs in rounds.items() if (ref := reference(name)) is not None}
+
+
+def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any],
+             ratios: dict[str, list[float]] | None = None) -> str:
     lines = [
         f"Overhead on {meta['machine']} ({meta['model']}; {meta['batch']} completions of <= {meta['max_tokens']} "
         f"tokens per step; median of {meta['steps']} steps x {meta['rounds']} interleaved rounds, one process each).",
         "",
-        "| configuration | step ms | ratio | against | target | generation | rollout stats | reward | loss | backward "
-        "| peak RSS MiB |",
-        "|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| configuration | step ms | ratio | range over rounds | against | target | generation | rollout stats | reward "
+        "| loss | backward | peak RSS MiB |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, r in results.items():
-        base, against = (trl, "TRL") if name == "none" else (none, "no method") if name != "trl" else (trl, "-")
-        ratio = r["step_s"] / base
+        ref = reference(name)
+        per_round = (ratios or {}).get(name) or ([r["step_s"] / results[ref]["step_s"]] if ref else [1.0])
+        ratio = statistics.median(per_round)
+        against = {"trl": "TRL", "none": "no method", None: "-"}[ref]
         target = TARGETS.get(name)
         mark = "" if target is None else (f"{target:.2f}" + (" ok" if ratio <= target else " **missed**"))
+        span = f"{min(per_round):.3f}-{max(per_round):.3f}" if ref else "-"
         split = " | ".join(f"{1000 * r[p]:.1f}" for p in PHASES)
-        lines.append(f"| {name} | {1000 * r['step_s']:.1f} | {ratio:.3f} | {against} | {mark or '-'} | {split} | "
+        lines.append(f"| {name} | {1000 * r['step_s']:.1f} | {ratio:.3f} | {span} | {against} | {mark or '-'} | {split} | "
                      f"{r['peak_rss_mib']:.0f} |")
-    lines += ["", "Split: medians per step in ms (each phase's own median, so they need not add up to the step); "
-              "AEPO's generation includes its extra samples at two temperatures."]
+    lines += ["", "Ratio: median over rounds of the step time over the reference's in the same round. Split: medians "
+              "per step in ms (each phase's own median, so they need not add up to the step); AEPO's generation "
+              "includes its extra samples at two temperatures."]
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"layers, vocabulary {config.vocab_size}",
             "batch": opts.batch, "max_tokens": opts.max_tokens, "steps": opts.steps, "rounds": opts.rounds,
             "seconds": time.perf_counter() - started}
-    write_report(out, "bench_overhead", meta, results, rounds, markdown(results, meta))
+    ratios = paired_ratios(rounds)
+    meta["ratios"] = ratios
+    write_report(out, "bench_overhead", meta, results, rounds, markdown(results, meta, ratios))
     return 0
 
 

@@ -50,3 +50,23 @@ def test_bench_overhead_times_each_configuration_in_its_own_process(tmp_path):
         assert r["rollout_stats"] == 0  # HF generate: the statistics come from generate itself, no extra forward
     table = (out / "bench_overhead.md").read_text()
     assert "| none |" in table and "| TRL | 1.02" in table and "| clip_cov |" in table and "| no method | 1.03" in table
+
+
+def test_bench_overhead_ratios_pair_each_round_with_its_reference():
+    """A machine that slows down between rounds moves every configuration alike: paired ratios stay put."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "scripts" / "bench_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    slow = [1.0, 1.5, 2.0]   # the machine's speed in each round
+    rounds = {name: [{"step_s": cost * s} for s in slow] for name, cost in (("trl", 0.100), ("none", 0.101), ("kl_cov", 0.104))}
+    ratios = bench.paired_ratios(rounds)
+    assert set(ratios) == {"none", "kl_cov"}
+    assert ratios["none"] == pytest.approx([1.01] * 3) and ratios["kl_cov"] == pytest.approx([0.104 / 0.101] * 3)
+    phases = dict.fromkeys(bench.PHASES, 0.01)
+    results = {name: {"step_s": runs[1]["step_s"], **phases, "peak_rss_mib": 500.0} for name, runs in rounds.items()}
+    meta = {"machine": "m", "model": "x", "batch": 1, "max_tokens": 1, "steps": 1, "rounds": 3}
+    table = bench.markdown(results, meta, ratios)
+    assert "| none | 151.5 | 1.010 | 1.010-1.010 | TRL | 1.02 ok |" in table
+    assert "| kl_cov | 156.0 | 1.030 | 1.030-1.030 | no method | 1.03 ok |" in table
