@@ -19,6 +19,7 @@ receives tensors already gathered from every process, or all-reduces a few sums 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from rlvr_entropy.tensor_ops import masked_mean, per_token
+
+logger = logging.getLogger(__name__)
 
 QUANTILES = (0.1, 0.5, 0.9)
 REDUCTIONS = ("mean", "sum", "max", "min")
@@ -159,8 +162,14 @@ class MetricsJsonlCallback(TrainerCallback):
         self.path = path
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero and state.global_step > 0:  # resumed: forget what came after the checkpoint
+        if not state.is_world_process_zero:
+            return
+        if state.global_step > 0:  # resumed: forget what came after the checkpoint
             truncate_metrics(self.path, state.global_step)
+        elif os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            # A new run in a directory that holds an old one's log: appending would mix the two runs' curves.
+            kept = set_aside(self.path)
+            logger.warning("%s held the log of an earlier run; it is kept as %s and a new log starts", self.path, kept)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -174,6 +183,16 @@ class MetricsJsonlCallback(TrainerCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+def set_aside(path: str) -> str:
+    """Rename ``path`` (``.../metrics.jsonl``) to the first free ``.../metrics.N.jsonl``; returns the new name."""
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}.{n}{ext}"):
+        n += 1
+    os.replace(path, f"{stem}.{n}{ext}")
+    return f"{stem}.{n}{ext}"
 
 
 def truncate_metrics(path: str, step: int) -> int:

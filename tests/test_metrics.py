@@ -123,3 +123,28 @@ def test_a_mean_with_counts_is_the_mean_over_every_item_of_every_process():
     assert reduce_across(here, gather) == {"m/w": pytest.approx((3 * 1.0 + 1 * 2.0) / 4)}
     unweighted = {"m/w": (torch.tensor(1.0), "mean")}  # no count: each process counts once
     assert reduce_across(unweighted, lambda t: torch.cat([t, torch.tensor([[2.0, 1.0]])])) == {"m/w": 1.5}
+
+
+def test_a_new_run_in_an_old_runs_directory_starts_its_own_log(tmp_path, caplog):
+    """Appending would draw two runs as one curve; the old log is kept, renamed, and a resume still truncates."""
+    from types import SimpleNamespace
+
+    from rlvr_entropy.metrics import MetricsJsonlCallback
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    (tmp_path / "metrics.1.jsonl").write_text("older\n")
+    callback = MetricsJsonlCallback(str(path))
+    with caplog.at_level("WARNING"):
+        callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+    assert not path.exists() and json.loads((tmp_path / "metrics.2.jsonl").read_text())["loss"] == 9.0
+    assert "kept as" in caplog.text and (tmp_path / "metrics.1.jsonl").read_text() == "older\n"
+    callback.on_log(None, SimpleNamespace(is_world_process_zero=True, global_step=1), None, logs={"loss": 1.0})
+    assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [1.0]
+    # a resume keeps the log up to its checkpoint
+    callback.on_log(None, SimpleNamespace(is_world_process_zero=True, global_step=2), None, logs={"loss": 2.0})
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=1), None)
+    assert [json.loads(x)["loss"] for x in path.read_text().splitlines()] == [1.0]
+    # another process never touches the file
+    MetricsJsonlCallback(str(path)).on_train_begin(None, SimpleNamespace(is_world_process_zero=False, global_step=0), None)
+    assert path.exists()
