@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PHASES = ("generation", "rollout_stats", "reward", "loss", "backward")
+PHASES = ("generation", "rollout_stats", "reward", "loss", "backward", "hooks")
 # (configuration, methods); None: TRL's own trainer.
 TARGETS = {"none": 1.02, "clip_cov": 1.03, "kl_cov": 1.03, "seed_grpo": 1.03, "canon_length": 1.03,
            "steer": 1.05, "pear": 1.05, "canon": 1.05, "ares": 1.05}
@@ -109,6 +109,14 @@ def worker(opts: argparse.Namespace) -> int:
     clock.wrap(trainer, "_calculate_rewards", "reward")
     clock.wrap(trainer, "compute_loss", "loss")
     clock.wrap(trainer.accelerator, "backward", "backward")
+    # Time inside this project's code for the methods (inside the reward and loss phases above): measured in
+    # the same process, so it is free of the process-to-process variance the step ratios suffer.
+    clock.wrap(trainer, "_rollout_batch", "hooks")
+    clock.wrap(trainer, "_apply_token_hooks", "hooks")
+    pipeline = getattr(trainer, "pipeline", None)
+    for stage in ("reward", "advantage"):
+        if pipeline is not None and pipeline.uses(stage):
+            clock.wrap(pipeline, stage, "hooks")
     laps: list[dict[str, float]] = []
 
     class Laps(TrainerCallback):
@@ -162,8 +170,8 @@ def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any],
         f"tokens per step; median of {meta['steps']} steps x {meta['rounds']} interleaved rounds, one process each).",
         "",
         "| configuration | step ms | ratio | range over rounds | against | target | generation | rollout stats | reward "
-        "| loss | backward | peak RSS MiB |",
-        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| loss | backward | method hooks | peak RSS MiB |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name, r in results.items():
         ref = reference(name)
@@ -178,7 +186,8 @@ def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any],
                      f"{r['peak_rss_mib']:.0f} |")
     lines += ["", "Ratio: median over rounds of the step time over the reference's in the same round. Split: medians "
               "per step in ms (each phase's own median, so they need not add up to the step); AEPO's generation "
-              "includes its extra samples at two temperatures."]
+              "includes its extra samples at two temperatures. Method hooks: time inside the methods' hooks and the "
+              "rollout batch they read (part of the reward and loss phases), measured in the process itself."]
     return "\n".join(lines) + "\n"
 
 

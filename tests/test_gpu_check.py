@@ -48,6 +48,7 @@ def test_bench_overhead_times_each_configuration_in_its_own_process(tmp_path):
         assert r["step_s"] > 0 and r["peak_rss_mib"] > 100, name
         assert r["generation"] > 0 and r["loss"] > 0 and r["backward"] > 0 and r["reward"] > 0, (name, r)
         assert r["rollout_stats"] == 0  # HF generate: the statistics come from generate itself, no extra forward
+    assert report["results"]["trl"]["hooks"] == 0 and report["results"]["clip_cov"]["hooks"] > 0
     table = (out / "bench_overhead.md").read_text()
     assert "| none |" in table and "| TRL | 1.02" in table and "| clip_cov |" in table and "| no method | 1.03" in table
 
