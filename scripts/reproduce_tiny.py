@@ -192,7 +192,7 @@ class Claim:
     title: str
     criterion: str
     observed: str
-    verdict: str    # "reproduced", "not reproduced", "partly", "not run"
+    verdict: str    # "reproduced" (in every seed), "partly" (in some), "not reproduced"
 
 
 Results = dict[str, dict[int, Run]]   # config name -> seed -> its finished run
