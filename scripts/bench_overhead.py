@@ -164,7 +164,7 @@ def paired_ratios(rounds: dict[str, list[dict[str, float]]]) -> dict[str, list[f
 
 
 def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any],
-             ratios: dict[str, list[float]] | None = None) -> str:
+             ratios: dict[str, list[float]]) -> str:
     lines = [
         f"Overhead on {meta['machine']} ({meta['model']}; {meta['batch']} completions of <= {meta['max_tokens']} "
         f"tokens per step; median of {meta['steps']} steps x {meta['rounds']} interleaved rounds, one process each).",
@@ -175,7 +175,7 @@ def markdown(results: dict[str, dict[str, float]], meta: dict[str, Any],
     ]
     for name, r in results.items():
         ref = reference(name)
-        per_round = (ratios or {}).get(name) or ([r["step_s"] / results[ref]["step_s"]] if ref else [1.0])
+        per_round = ratios.get(name, [1.0])  # TRL, the reference of references, has none
         ratio = statistics.median(per_round)
         against = {"trl": "TRL", "none": "no method", None: "-"}[ref]
         target = TARGETS.get(name)

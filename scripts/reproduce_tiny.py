@@ -213,6 +213,11 @@ def _seeds(n: int) -> str:
     return f"{n} seed{'s' if n != 1 else ''}"
 
 
+def _verdict(hits: int, n: int, *, also: bool = True) -> str:
+    """Reproduced when the claim held in all ``n`` seeds (and ``also``), partly when in some, else not."""
+    return "reproduced" if hits == n and also else "partly" if hits else "not reproduced"
+
+
 # A third of the entropy gone in 200 steps, still falling: the budget allows no more (300 steps: 0.43 of the
 # start, measured on one seed; the 7B runs of the paper keep about 2%).
 COLLAPSED = 2 / 3
@@ -226,7 +231,7 @@ def claim_collapse(results: Results) -> Claim:
                 f"(per seed: {', '.join(f'{x:.2f}' for x in ratios)})")
     if think:
         observed += f"; think task: {pm(think, 2)}"
-    verdict = "reproduced" if ok == len(ratios) else "partly" if ok else "not reproduced"
+    verdict = _verdict(ok, len(ratios))
     return Claim("GRPO's entropy collapses", f"end entropy at most {COLLAPSED:.2f} of the start, in every seed (split "
                  "task; set after the exploratory runs below, far from the paper's 7B runs, which lose about 98%)",
                  observed, verdict)
@@ -242,7 +247,7 @@ def claim_above(results: Results, name: str, label: str) -> Claim:
     acc, acc_base = _paired(results, name, lambda r: summarize_run(r).final)
     observed = (f"end entropy {pm(ours)} against GRPO's {pm(base)} nats ({rel:+.0%} on average), higher in "
                 f"{wins} of {_seeds(len(ours))}; final accuracy {pm(acc)} against {pm(acc_base)}")
-    verdict = "reproduced" if wins == len(ours) and clear else "partly" if wins else "not reproduced"
+    verdict = _verdict(wins, len(ours), also=clear)
     return Claim(f"{label} keeps entropy above GRPO",
                  "end entropy higher than GRPO's with the same seed in every seed, by more than twice GRPO's "
                  "inter-seed standard deviation", observed, verdict)
@@ -279,7 +284,7 @@ def claim_steer(results: Results) -> Claim:
     narrower = sum(a < b for a, b in zip(ours, base))
     observed = (f"mean |change of rollout entropy| per rollout {pm(ours, 4)} against GRPO's {pm(base, 4)} nats, "
                 f"smaller in {narrower} of {_seeds(len(ours))}")
-    verdict = "reproduced" if narrower == len(ours) else "partly" if narrower else "not reproduced"
+    verdict = _verdict(narrower, len(ours))
     return Claim("STEER narrows the per-step entropy change", "mean absolute change of the rollout entropy between "
                  "consecutive rollouts smaller than GRPO's, in every seed", observed, verdict)
 
@@ -290,7 +295,7 @@ def claim_accuracy(results: Results, name: str, label: str, paper: str) -> Claim
     ent, ent_base = _paired(results, name, lambda r: summarize_run(r).entropy_end)
     observed = (f"held-out pass@1 {pm(ours)} against GRPO's {pm(base)}, higher in {better} of "
                 f"{_seeds(len(ours))}; end entropy {pm(ent)} against {pm(ent_base)}")
-    verdict = "reproduced" if better == len(ours) else "partly" if better else "not reproduced"
+    verdict = _verdict(better, len(ours))
     return Claim(f"{label}: {paper}", "held-out pass@1 at the end higher than GRPO's with the same seed, in every "
                  "seed", observed, verdict)
 
@@ -307,8 +312,7 @@ def claim_covariance(results: Results) -> Claim:
     ok = sum(c < 0 for c in cumulative)
     observed = (f"GRPO (split): per-step corr(ΔH, Cov) {pm(per_step, 2)}, cumulative corr(H − H0, ΣCov) "
                 f"{pm(cumulative, 2)}, sign agreement of ΔH and −Cov {pm(agree, 2)}")
-    verdict = ("reproduced" if ok == len(cumulative) and statistics.fmean(per_step) < 0 else
-               "partly" if ok else "not reproduced")
+    verdict = _verdict(ok, len(cumulative), also=statistics.fmean(per_step) < 0)
     return Claim("ΔH tracks −Cov(log π, A)", "negative correlation, per step on average and cumulative in every seed",
                  observed, verdict)
 
@@ -374,12 +378,10 @@ def table_rows(results: Results) -> list[list[str]]:
 
 
 def _task(config: Config) -> str:
-    if "data.task=split" in config.overrides:
-        return "split"
-    import yaml
+    """The task a config trains on: its recipe's, after the overrides."""
+    from rlvr_entropy.config import load_recipe
 
-    tree = yaml.safe_load((ROOT / "recipes" / "tiny" / f"{config.recipe}.yaml").read_text())
-    return tree["data"]["task"]
+    return load_recipe(ROOT / "recipes" / "tiny" / f"{config.recipe}.yaml", [*SHARED, *config.overrides]).data.task
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -449,8 +451,9 @@ paper's, scaled to keep the number of tokens each selection treats (`recipes/tin
 """
 
 
-def write_document(results: Results, *, seeds: Sequence[int], steps: int, out: Path, doc: Path,
-                   figures: list[tuple[str, str]], failures: Sequence[str], minutes: float | None) -> None:
+def write_document(results: Results, *, seeds: Sequence[int], steps: int, doc: Path,
+                   figures: list[tuple[str, str]], failures: Sequence[str], minutes: float | None) -> list[Claim]:
+    """Write the document; returns the claims it judged."""
     found = claims(results)
     lines = [
         "# The tiny benchmark",
@@ -491,6 +494,7 @@ def write_document(results: Results, *, seeds: Sequence[int], steps: int, out: P
         lines += ["## Runs that failed", "", *[f"- {f}" for f in failures], ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
+    return found
 
 
 def collect(out: Path, configs: Sequence[Config], seeds: Sequence[int]) -> Results:
@@ -543,10 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     recorded = json.loads(timing.read_text()) if timing.exists() else {}
     minutes = recorded.get("minutes") if recorded.get("seeds") == list(seeds) and recorded.get("steps") == steps else None
     figures = draw_figures(out, doc.parent / "figures" / "tiny-benchmark", seeds[0], set(results))
-    write_document(results, seeds=seeds, steps=steps, out=out, doc=doc, figures=figures, failures=failures,
+    found = write_document(results, seeds=seeds, steps=steps, doc=doc, figures=figures, failures=failures,
                    minutes=minutes)
     print(f"[reproduce_tiny] wrote {doc} ({(time.time() - start) / 60:.1f} min)")
-    for c in claims(results):
+    for c in found:
         print(f"  {c.title}: {c.verdict}")
     return 1 if failures else 0
 

@@ -171,7 +171,7 @@ def test_a_missing_seed_is_left_out_of_the_pairs_not_matched_to_another(bench):
 def test_document_has_the_table_claims_and_figures(bench, tmp_path):
     results = results_for(bench, kl_cov={"h1": 0.8})
     doc = tmp_path / "docs" / "tiny-benchmark.md"
-    bench.write_document(results, seeds=[0, 1, 2], steps=200, out=tmp_path / "runs", doc=doc,
+    bench.write_document(results, seeds=[0, 1, 2], steps=200, doc=doc,
                          figures=[("aepo_targets.png", "AEPO")], failures=["pear seed 1 (log: x)"], minutes=42.0)
     text = doc.read_text()
     assert "| config | task | final acc |" in text
