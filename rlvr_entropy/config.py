@@ -111,6 +111,19 @@ class EntropyGRPOConfig(GRPOConfig):
             "always get it."
         },
     )
+    log_entropy_by_difficulty: bool = field(
+        default=True,
+        metadata={
+            "help": "Log, per generation batch, the prompts, mean length and mean per-response rollout entropy in each "
+            "group-accuracy bucket (unsolved, hard, medium, easy, solved) as entropy_by_difficulty/<bucket>/<stat> "
+            "(free: computed from numbers the batch already has)."
+        },
+    )
+    difficulty_threshold: float = field(
+        default=0.5,
+        metadata={"help": "A response counts as solved for entropy_by_difficulty when its reward (the weighted sum of "
+                  "the user reward functions) is at least this."},
+    )
     rollout_stats_source: Literal["auto", "generate", "vllm", "forward"] = field(
         default="auto",
         metadata={

@@ -103,6 +103,48 @@ def entropy_gap(rollout: Tensor, training: Tensor, mask: Tensor, reduce_sum: Red
     return {"rollout_entropy/gap": abs_sum / n, "rollout_entropy/gap_signed": signed_sum / n}
 
 
+DIFFICULTY_BUCKETS = ("unsolved", "hard", "medium", "easy", "solved")
+
+
+def difficulty_buckets(rewards: Tensor, group_size: int, threshold: float) -> Tensor:
+    """Each group's accuracy bucket, (N / G,) long indexing ``DIFFICULTY_BUCKETS``: p = share of the group's rewards
+    at or above ``threshold`` (an unscored, NaN, reward counts as wrong); p = 0 unsolved, 0 < p < 1/3 hard,
+    1/3 <= p < 2/3 medium, 2/3 <= p < 1 easy, p = 1 solved. Groups of p 0 and 1 get buckets of their own: their GRPO
+    advantages are 0."""
+    solved = (rewards >= threshold).float().view(-1, group_size).sum(1)  # (N / G,) whole counts: exact edges
+    bucket = torch.where(3 * solved < group_size, 1, torch.where(3 * solved < 2 * group_size, 2, 3))
+    bucket = torch.where(solved == 0, 0, torch.where(solved == group_size, 4, bucket))
+    return bucket.long()
+
+
+def entropy_by_difficulty(rewards: Tensor, group_size: int, mask: Tensor, entropy: Tensor | None,
+                          threshold: float) -> dict[str, float]:
+    """DiffAdapt-style diagnostic over one gathered generation batch: for each non-empty accuracy bucket, the number
+    of prompts, the mean completion length and (when rollout entropy exists) the mean over responses of each
+    response's mean token entropy, ``entropy_by_difficulty/<bucket>/{prompts,length,entropy}``.
+
+    ``rewards`` (N,), ``mask`` (N, T), ``entropy`` (N, T) behaviour-policy entropy or None. Buckets with no prompt
+    are left out of the line (a NaN would poison the averages of a logging window).
+    """
+    groups = difficulty_buckets(rewards.float(), group_size, threshold)  # (N / G,)
+    per_row = groups.repeat_interleave(group_size).to(mask.device)  # (N,)
+    lengths = mask.float().sum(1)  # (N,)
+    response_entropy = None
+    if entropy is not None:
+        response_entropy = (entropy.float() * mask).sum(1) / lengths.clamp(min=1.0)  # (N,)
+    out: dict[str, float] = {}
+    for index, name in enumerate(DIFFICULTY_BUCKETS):
+        rows = per_row == index
+        prompts = int((groups == index).sum())
+        out[f"entropy_by_difficulty/{name}/prompts"] = float(prompts)
+        if prompts == 0:
+            continue
+        out[f"entropy_by_difficulty/{name}/length"] = float(lengths[rows].mean())
+        if response_entropy is not None:
+            out[f"entropy_by_difficulty/{name}/entropy"] = float(response_entropy[rows].mean())
+    return out
+
+
 def reduce_across(
     metrics: dict[str, tuple[Tensor, ...]],
     gather: Callable[[Tensor], Tensor],

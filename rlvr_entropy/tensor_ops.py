@@ -3,9 +3,15 @@ ignored), TRL's group advantages, and a process-independent seed hash."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import nanstd
+
+LOGIT_CHUNK = 1024  # completion positions whose (n, V) logits exist at once in ``logit_stats``
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -69,3 +75,35 @@ def stable_hash(key: tuple[int, ...]) -> int:
         for byte in int(part).to_bytes(8, "little", signed=True):
             h = ((h ^ byte) * 1099511628211) % (1 << 64)
     return h % (1 << 63)
+
+
+def logit_stats(methods: Sequence[Any], hidden: Tensor, valid: Tensor, lm_head: torch.nn.Module,
+                inv_temperature: float) -> dict[str, Tensor]:
+    """Each method's ``logit_stat`` at every valid position: ``{"<method>/logit_stat": (b, L) float32}``, 0 elsewhere.
+
+    ``hidden`` (b, L, d) are the backbone's final hidden states (with grad), ``valid`` (b, L) the positions whose
+    next token is scored. The logits of at most ``LOGIT_CHUNK`` positions exist at once, and each chunk is
+    recomputed in the backward pass (activation checkpointing), so no (b, L, V) tensor is ever kept.
+    """
+    weight, bias = lm_head.weight, lm_head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards the head as DTensors: gather it, as TRL's fused head does
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    h = hidden[valid]  # (n, d)
+    out = {}
+    for m in methods:
+        parts = [checkpoint(_chunk_stat, chunk, weight, bias, inv_temperature, m.logit_stat, use_reentrant=False)
+                 for chunk in h.split(LOGIT_CHUNK)]
+        values = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+        grid = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
+        out[f"{m.name}/logit_stat"] = grid.masked_scatter(valid, values.float())
+    return out
+
+
+def _chunk_stat(h: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float,
+                fn: Callable[[Tensor], Tensor]) -> Tensor:
+    logits = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
+    values = fn(logits * inv_temperature)  # (n,)
+    if values.shape != h.shape[:1]:
+        raise ValueError(f"a logit_stat hook must return one value per position ({h.size(0)}), got {tuple(values.shape)}")
+    return values.float()

@@ -10,6 +10,8 @@ Per generation batch, inside TRL's ``_generate_and_score_completions``:
 
 0. configure   (once, when the config is built: ``config.py``) methods may set TRL fields, e.g. to expose
                TRL's own entropy bonus or high-entropy token mask instead of re-implementing them.
+   trl_settings  (before each optimizer step) methods may drive TRL settings, e.g. a schedule for TRL's entropy
+               coefficient or for its adaptive controller's target (``methods/schedule.py``).
 1. rollout     ``_generate_single_turn`` (``rollout.py``): method rollout hooks wrap generation, first
                listed method outermost; they may regenerate rows at other temperatures.
 2. statistics  the union of the methods' ``needs`` (rollout token entropy, sampled-token log-probs,
@@ -24,14 +26,20 @@ Per generation batch, inside TRL's ``_generate_and_score_completions``:
                logs as ``rewards/<method>/mean``.
 4. advantage   after TRL computed its group advantages: the advantages of all processes are gathered,
                advantage hooks rescale or replace them (per sample or per token) in list order, and each
-               process keeps its slice, exactly as TRL slices its own.
+               process keeps its slice, exactly as TRL slices its own. Reference-model log-probs, when a
+               method's ``loss_needs`` asks for them and TRL's ``beta`` is 0, are computed here once per batch
+               with the reference model TRL builds (TRL computes them itself when ``beta != 0``).
 
 Per loss micro-batch, inside TRL's ``_compute_loss``:
 
-5. token level right after TRL's single training forward, token hooks return per-token weights (folded
-               into the (B, T) advantages TRL reads next), detach masks (applied to the log-probs TRL
-               receives) and extra per-token terms (aggregated with the loss_type's normaliser,
-               ``losses.py``, and added to TRL's loss).
+5. logit_stat  inside TRL's single training forward, right after the backbone: each method's per-token statistic
+               of the temperature-scaled logits, computed on chunks of positions with gradient and recomputed
+               in backward (no (B, T, V) tensor is kept beyond one chunk).
+   token level right after that forward, token hooks return per-token weights (folded into the (B, T)
+               advantages TRL reads next), detach masks (applied to the log-probs TRL receives), per-token clip
+               ranges (TRL's epsilon_low/high for this micro-batch), extra per-token terms (aggregated with the
+               loss_type's normaliser, ``losses.py``) and scalar terms with their own denominators (divided by
+               the accumulation steps only), both added to TRL's loss.
 
 Throughout:
 
@@ -60,9 +68,11 @@ points listed above.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,19 +90,35 @@ from rlvr_entropy.guards import GUARD_KEY, StepGuard
 from rlvr_entropy.launch import check_engine, check_geometry
 from rlvr_entropy.losses import aggregate
 from rlvr_entropy.methods import LossBatch, RolloutBatch
-from rlvr_entropy.metrics import MetricsJsonlCallback, entropy_gap, entropy_summary, logp_adv_covariance, reduce_across
+from rlvr_entropy.metrics import (MetricsJsonlCallback, entropy_by_difficulty, entropy_gap, entropy_summary,
+                                  logp_adv_covariance, reduce_across)
 from rlvr_entropy.periodic_eval import PeriodicEval
 from rlvr_entropy.reward_contract import RewardStats, columns_read
 from rlvr_entropy.rollout import Generation, RolloutMixin
 from rlvr_entropy.rollout_stats import completion_grid, find_marker
 from rlvr_entropy.sandbox import SandboxedReward, sandboxed
-from rlvr_entropy.tensor_ops import fit_width, per_token
+from rlvr_entropy.tensor_ops import fit_width, logit_stats, per_token
 
 # TRL's generation context reads model.is_gradient_checkpointing, which transformers 5 deprecated: a
 # FutureWarning on every run that no setting of the user's can avoid.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's losses that clip the ratio at 1 -/+ epsilon
+
+
+@contextlib.contextmanager
+def _reference_model_built(args: EntropyGRPOConfig, wanted: bool) -> Iterator[None]:
+    """TRL builds (and prepares for DeepSpeed/FSDP) a reference model only when ``beta != 0``: while ``wanted``, show
+    it a non-zero beta for the duration of its ``__init__``; the caller then sets the trainer's beta back."""
+    if not wanted:
+        yield
+        return
+    args.beta = 1.0
+    try:
+        yield
+    finally:
+        args.beta = 0.0
 
 
 @dataclass
@@ -105,6 +131,9 @@ class _LossCall:
     entropies: Tensor | None = None
     logps: Tensor | None = None
     extra: Tensor | None = None
+    scalar: Tensor | None = None
+    clip_range: tuple[Any, Any] | None = None  # TRL's (epsilon_low, epsilon_high), while a method's per-token range is set
+    logit_stats: list[dict[str, Tensor]] | None = None  # one dict per model call of the forward (TRL chunks rows)
     metrics: dict[str, tuple[Tensor, str]] = field(default_factory=dict)
 
 
@@ -122,8 +151,20 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         self.pipeline = build_pipeline(args.methods)
         # The pipeline records NaN/inf outputs; the guard skips or raises (on every process together).
         self.pipeline.on_nonfinite = "skip"
-        with vllm_backend.building_engine(args) as vllm_on_cpu:
+        # A method asking for reference log-probs while TRL's beta is 0: let TRL build and prepare its reference
+        # model as it does for beta > 0, then keep beta at 0 (no KL in TRL's loss) and compute the log-probs here.
+        self._own_ref_logps = "ref_logps" in self.pipeline.loss_needs and args.beta == 0.0
+        with vllm_backend.building_engine(args) as vllm_on_cpu, _reference_model_built(args, self._own_ref_logps):
             super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        self.beta = args.beta
+        if self._own_ref_logps and self.ref_model is None:
+            raise ValueError(
+                f"{', '.join(m.name for m in self.pipeline.methods if 'ref_logps' in m.loss_needs)} needs reference "
+                "log-probs; with a PEFT model TRL has no separate reference model: set `beta` > 0 (TRL then computes "
+                "them with the adapter disabled) or train without PEFT"
+            )
+        if self.pipeline.logit_stat_methods():
+            self._install_logit_stats()
         check_engine(self.accelerator.distributed_type, self.accelerator.num_processes)  # launch.py
         self._engine_checked = False  # again on the prepared model, at the first training step
         self._add_method_reward_columns()
@@ -198,6 +239,37 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         start = self.accelerator.process_index * local_rows
         return slice(start, start + local_rows)
 
+    def _install_logit_stats(self) -> None:
+        """Wrap the policy's fused forward (TRL's ``add_fused_lm_head``) so that, inside the training forward of a
+        loss micro-batch, each ``logit_stat`` method's statistic is computed from the backbone's hidden states."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = model.config.get_text_config()
+        if getattr(config, "final_logit_softcapping", None) is not None or any(
+            getattr(config, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+        ) or getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+            raise ValueError("methods with a logit_stat hook support only models whose logits are the LM head's "
+                             "output (no soft-capping or logit scaling)")
+        fused, backbone, trainer = model.forward, model.base_model, self
+
+        @functools.wraps(fused)
+        def forward(*args: Any, fused_lm_head: bool = False, labels: Tensor | None = None, **kwargs: Any) -> Any:
+            call = trainer._loss_call
+            if not fused_lm_head or call is None or call.logit_stats is None:
+                return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+            hidden: list[Tensor] = []
+            handle = backbone.register_forward_hook(lambda _m, _a, out: hidden.append(out.last_hidden_state))
+            try:
+                out = fused(*args, fused_lm_head=True, labels=labels, **kwargs)
+            finally:
+                handle.remove()
+            # Position t predicts token t + 1, as in TRL's head: (b, L-1, d) and (b, L-1).
+            call.logit_stats.append(logit_stats(self.pipeline.logit_stat_methods(), hidden[-1][:, :-1],
+                                                labels[:, 1:] != -100, model.get_output_embeddings(),
+                                                1.0 / self.temperature))
+            return out
+
+        model.forward = forward
+
     def _record(self, metrics: dict[str, float]) -> None:
         """Append global metric values to TRL's log of the current mode."""
         store = self._metrics[self._mode()]
@@ -236,7 +308,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         wanted = self._needs & {"entropy", "logps"}
         if self.args.log_rollout_entropy and gen.forward_stats:
             wanted.add("entropy")  # TRL's old-logp pass ran anyway: logging it is free
-        if not (self.pipeline.uses("reward") or self.pipeline.uses("advantage") or self.pipeline.needs or wanted):
+        if not (self.pipeline.uses("reward") or self.pipeline.uses("advantage") or self.pipeline.needs or wanted
+                or self.args.log_entropy_by_difficulty):
             return None
         device = self.accelerator.device
         ids, mask = completion_grid(gen.completion_ids, self._tokenizer.pad_token_id, gen.tool_mask)
@@ -271,6 +344,9 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             batch.marker_length = len(self._marker_ids)
         if batch.entropy is not None:
             self._record(entropy_summary("rollout_entropy", batch.entropy, batch.mask))
+        if self.args.log_entropy_by_difficulty:
+            self._record(entropy_by_difficulty(batch.weighted_rewards(), group_size, batch.mask, batch.entropy,
+                                               self.args.difficulty_threshold))
         return batch
 
     # ------------------------------------------------------------------------------------------------------
@@ -283,6 +359,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
         local = self._process_slice(local_rows)
         output["group_ids"] = (torch.arange(local.start, local.stop, device=output["completion_ids"].device)
                                // self._group_size()).long()
+        if self._own_ref_logps:
+            output["ref_per_token_logps"] = self._reference_logps(output)  # TRL's key: TRL ignores it at beta 0
         batch = gen.batch if gen is not None else None
         if batch is None:
             return output
@@ -312,6 +390,17 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             output[GUARD_KEY] = torch.tensor(1.0, device=self.accelerator.device)
         return output
 
+    def _reference_logps(self, output: dict[str, Any]) -> Tensor:
+        """Reference-model log-probs of this process's completion tokens, (B, T), as TRL computes them for beta > 0."""
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        rows = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        with torch.no_grad():
+            ref, _, _ = self._get_per_token_logps_and_entropies(
+                self.ref_model, ids, attention, output["completion_ids"].size(1), batch_size=rows
+            )
+        return ref
+
     def _replace_logged_advantages(self, advantages: Tensor) -> None:
         """TRL logged the pre-hook advantages for the completions table: show the final ones instead."""
         logged = self._logs["advantages"]
@@ -330,6 +419,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             )
         # 5. The training forward of this loss micro-batch: the one place with current log-probs.
         kwargs["compute_entropy"] = True
+        if self.pipeline.logit_stat_methods():
+            call.logit_stats = []  # filled by the wrapped forward, once per model call
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
@@ -350,6 +441,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             loss = super()._compute_loss(model, call.inputs)
         finally:
             self._loss_call = None
+            if call.clip_range is not None:  # a method's per-token clip range held for this micro-batch only
+                self.epsilon_low, self.epsilon_high = call.clip_range
         mask = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).float()
         training = self.model.training
         if call.extra is not None:
@@ -359,6 +452,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
                 gradient_accumulation_steps=self.current_gradient_accumulation_steps if training else 1,
                 max_completion_length=self.max_completion_length, training=training,
             )
+        if call.scalar is not None:  # its own denominator already; scaled for gradient accumulation as TRL's bonus
+            loss = loss + call.scalar / (self.current_gradient_accumulation_steps if training else 1)
         if call.entropies is not None:
             entropies = self._gather_padded(call.entropies.float())
             self._record(entropy_summary("entropy", entropies, self._gather_padded(mask), mean=False))
@@ -384,20 +479,38 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             importance_sampling_level=self.importance_sampling_level, step=self.state.global_step,
             micro_step=self._micro_step, seed=self.args.seed, process_index=self.accelerator.process_index,
-            num_processes=self.accelerator.num_processes, gather=self._gather_padded,
+            num_processes=self.accelerator.num_processes, gather=self._gather_padded, reduce_sum=self._reduce_sum,
             rollout_entropy=inputs.get("rollout_entropy"), rollout_logps=inputs.get("rollout_logps"),
             ref_logps=inputs.get("ref_per_token_logps"), kl_coef=float(self.beta),
             bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),
             carried={k[len(CARRY_PREFIX) :]: v for k, v in inputs.items() if k.startswith(CARRY_PREFIX)},
+            logit_stats=self._collect_logit_stats(call, logps.size(1)),
         )
         terms = self.pipeline.token_loss(batch)
         call.metrics = batch.metrics
         call.extra = terms.extra
+        call.scalar = terms.scalar
+        if terms.eps_low is not None or terms.eps_high is not None:
+            if self.importance_sampling_level != "token" or self.loss_type not in CLIPPED_LOSS_TYPES:
+                raise ValueError(
+                    "a per-token clip range needs token-level importance sampling and a clipped loss type "
+                    f"({', '.join(CLIPPED_LOSS_TYPES)}); this run has {self.importance_sampling_level!r} / {self.loss_type!r}"
+                )
+            call.clip_range = (self.epsilon_low, self.epsilon_high)
+            # TRL's loss reads these two attributes right after this forward; restored in _compute_loss.
+            self.epsilon_low = self.epsilon_low if terms.eps_low is None else terms.eps_low.to(logps.dtype)
+            self.epsilon_high = self.epsilon_high if terms.eps_high is None else terms.eps_high.to(logps.dtype)
         if terms.weight is not None:
             inputs["advantages"] = advantages_2d * terms.weight  # TRL reads the advantages after this forward
         if terms.detach is not None:
             logps = torch.where(terms.detach, logps.detach(), logps)
         return logps
+
+    def _collect_logit_stats(self, call: _LossCall, width: int) -> dict[str, Tensor]:
+        """The chunks the wrapped forward computed, as one (B, T) tensor per method (TRL keeps the last T positions)."""
+        if not call.logit_stats:
+            return {}
+        return {key: torch.cat([part[key] for part in call.logit_stats], dim=0)[:, -width:] for key in call.logit_stats[0]}
 
     # ------------------------------------------------------------------------------------------------------
     # 6. guards, and the run around them
@@ -408,12 +521,20 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             self._engine_checked = True
         if not self.guard.is_open:  # first micro-batch of an optimizer step: what a skip must restore
             self.guard.open(self._restorer())
+            self._apply_trl_settings(self.pipeline.trl_settings(self.state.global_step))
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
             # DeepSpeed has stepped inside the backward pass, or skipped the step for non-finite gradients.
             engine_skipped = bool(getattr(model.optimizer, "overflow", False)) if self.is_deepspeed_enabled else None
             self.guard.close(model.parameters(), self.state.global_step + 1, engine_skipped=engine_skipped)
         return loss
+
+    def _apply_trl_settings(self, settings: dict[str, float]) -> None:
+        """What the methods drive in TRL for this optimizer step (the keys of ``methods.TRL_SETTINGS``)."""
+        if "entropy_coef" in settings:
+            self.entropy_coef = settings["entropy_coef"]
+        if "entropy_target" in settings:
+            self.args.entropy_target = settings["entropy_target"]
 
     def _restorer(self) -> Callable[[], None]:
         """Undo for a skipped step: the methods' state and TRL's adaptive entropy coefficient as they are now."""

@@ -32,7 +32,16 @@ from rlvr_entropy.tensor_ops import grpo_advantages, stable_hash
 #: - ``phases``:  index of the first thinking-end marker in each completion, -1 if absent (N,)
 ROLLOUT_STATS = frozenset({"entropy", "logps", "answers", "phases"})
 
-HOOKS = ("configure", "rollout", "reward", "advantage", "token_loss")
+#: Loss-time inputs a method can declare in ``loss_needs``:
+#: - ``ref_logps``: reference-model log-probs of the completion tokens (``LossBatch.ref_logps``), computed once per
+#:   generation batch as TRL does for ``beta > 0`` (TRL's own are reused when ``beta != 0``).
+LOSS_INPUTS = frozenset({"ref_logps"})
+
+#: TRL trainer settings a method may drive from ``trl_settings`` (set before each optimizer step):
+#: ``entropy_coef`` (TRL's entropy-bonus coefficient) and ``entropy_target`` (its adaptive controller's target).
+TRL_SETTINGS = frozenset({"entropy_coef", "entropy_target"})
+
+HOOKS = ("configure", "trl_settings", "rollout", "reward", "advantage", "logit_stat", "token_loss")
 
 METHODS: Registry[type[Method]] = Registry("method")
 
@@ -48,6 +57,10 @@ class MethodConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------
 # What the hooks see
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class _MethodScope:
@@ -283,14 +296,45 @@ class LossBatch(_MethodScope):
     process_index: int
     num_processes: int
     gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
+    reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over processes (identity on one)
     rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
     rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
     ref_logps: Tensor | None = None  # (B, T) reference-model log-probs, present when TRL's beta != 0
     kl_coef: float = 0.0  # TRL's beta: its loss already holds beta * kl() per token
     bias_correction_kl: bool = False  # TRL's use_bias_correction_kl
     carried: dict[str, Tensor] = field(default_factory=dict)  # from RolloutBatch.carry, this micro-batch's rows
+    logit_stats: dict[str, Tensor] = field(default_factory=dict)  # <method>/logit_stat -> (B, T), with grad
     metrics: dict[str, tuple[Tensor, str, Tensor]] = field(default_factory=dict)  # (value, reduce, count)
     _prefix: str = field(default="", repr=False)
+
+    def logit_stat(self) -> Tensor:
+        """This method's ``Method.logit_stat`` at every completion position of the training forward, (B, T) float32
+        with gradient; 0 at positions that do not count."""
+        key = self.key("logit_stat")
+        if key not in self.logit_stats:
+            raise KeyError(f"no '{key}': the method must override Method.logit_stat")
+        return self.logit_stats[key]
+
+    def global_sum_count(self, values: Tensor, subset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Sum of ``values`` (B, T) over the counted tokens of ``subset`` (default: all counted tokens) and their
+        number, both summed over every process's micro-batch: detached float32 scalars, equal on every process."""
+        m = self.mask if subset is None else self.mask * subset.to(self.mask.dtype)
+        totals = self.reduce_sum(torch.stack([(values.detach().float() * m).sum(), m.sum().float()]))
+        return totals[0], totals[1]
+
+    def global_mean(self, values: Tensor, subset: Tensor | None = None) -> Tensor:
+        """The mean of ``values`` (B, T) over the counted tokens of ``subset`` (default: all) of every process's
+        micro-batch: a scalar loss term with its own denominator, for ``TokenTerms.scalar``.
+
+        Its value is the global mean on every process; its gradient flows through this process's tokens scaled by
+        ``num_processes / global count``, so the gradient DDP applies (the mean over processes) is the gradient
+        one process holding all the rows would compute. Every process must call it (it reduces across them).
+        """
+        m = self.mask if subset is None else self.mask * subset.to(self.mask.dtype)
+        total, count = self.global_sum_count(values, subset)
+        count = count.clamp(min=1.0)
+        local = (values.float() * m).sum() * (self.num_processes / count)
+        return local + (total / count - local).detach()
 
     def has_carried(self, name: str) -> bool:
         """Whether this method's reward or advantage hook carried ``name`` into this micro-batch."""
@@ -360,11 +404,21 @@ class TokenTerms:
       KL terms); the loss value is unchanged.
     - ``extra`` (B, T), with grad: an extra per-token loss term, masked and normalised with the same
       ``loss_type`` normaliser TRL applies to the policy loss.
+    - ``scalar`` (), with grad: an extra loss term with its own denominator, added to the micro-batch's loss and
+      divided only by the gradient-accumulation steps (as TRL's entropy bonus is). Build it from
+      ``LossBatch.global_mean`` (a mean over all tokens or a subset of them, on every process together) so that
+      it is exact under every ``loss_type`` and every process count.
+    - ``eps_low``, ``eps_high`` (B, T): per-token PPO clip range, replacing TRL's ``epsilon_low``/``epsilon_high``
+      for this micro-batch inside TRL's own loss (token-level importance sampling only). Where a method gives
+      none, TRL's scalar range holds.
     """
 
     weight: Tensor | None = None
     detach: Tensor | None = None
     extra: Tensor | None = None
+    scalar: Tensor | None = None
+    eps_low: Tensor | None = None
+    eps_high: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,6 +431,7 @@ class Method:
     Class attributes:
         name: the registry key (set by ``@register``).
         needs: rollout statistics (subset of ``ROLLOUT_STATS``) the trainer must compute for it.
+        loss_needs: loss-time inputs (subset of ``LOSS_INPUTS``) the trainer must provide, e.g. reference log-probs.
 
     ``self.state`` holds whatever the method adapts over training. It must be JSON-serialisable,
     is saved with every checkpoint and restored on resume, and must be updated only from global
@@ -385,6 +440,7 @@ class Method:
 
     name: ClassVar[str] = "method"
     needs: ClassVar[frozenset[str]] = frozenset()
+    loss_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         self.state: dict[str, Any] = self.init_state()
@@ -408,6 +464,11 @@ class Method:
     def configure(self, args: Any) -> None:
         """Adjust the TRL configuration before the trainer is built (used to expose TRL's own features)."""
 
+    def trl_settings(self, step: int) -> dict[str, float]:
+        """TRL trainer settings (keys in ``TRL_SETTINGS``) this method drives, read before optimizer step ``step``
+        (0-based): how a schedule steers TRL's own entropy bonus without re-implementing it."""
+        return {}
+
     def rollout(self, ctx: RolloutContext, generate: GenerateFn) -> Rollout:
         """Produce the batch's completions; call ``generate`` for the rows and temperatures you want."""
         return generate(None, None)
@@ -419,6 +480,16 @@ class Method:
     def advantage(self, advantages: Tensor, batch: RolloutBatch) -> Tensor:
         """Rescale or replace advantages: (N,) or (N, T) in, (N,) or (N, T) out."""
         return advantages
+
+    def logit_stat(self, logits: Tensor) -> Tensor:
+        """A per-token statistic of the training forward's logits, with gradient: (n, V) float32 logits (already
+        divided by the temperature) of ``n`` counted completion positions in, (n,) out.
+
+        It runs inside the training forward on chunks of positions and is recomputed in the backward pass, so no
+        (B, T, V) tensor is kept; ``token_loss`` reads the result with ``batch.logit_stat()``. Override it only if
+        the method needs a function of the logits other than TRL's log-probs and entropy (which it always has).
+        """
+        raise NotImplementedError
 
     def token_loss(self, batch: LossBatch) -> TokenTerms | None:
         """Per-token weights, detach masks and extra loss terms for one loss micro-batch."""

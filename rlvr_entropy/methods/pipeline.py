@@ -4,8 +4,11 @@ Composition rules (each is tested in ``tests/test_pipeline.py``):
 - rollout: the first listed method is outermost; each method's ``generate`` is the next method's
   rollout, and the innermost one is the trainer's generation.
 - reward, advantage: folded left in list order, each method sees the previous one's output.
-- token_loss: weights multiply, detach masks are OR-ed, extra terms add; each method sees the
-  product of the weights returned before it in ``batch.weight``.
+- token_loss: weights multiply, detach masks are OR-ed, extra and scalar terms add; each method sees the
+  product of the weights returned before it in ``batch.weight``. Per-token clip ranges: a later method's
+  ``eps_low``/``eps_high`` replace an earlier one's (at most one method in a recipe should set them).
+- logit_stat: each method's statistic is computed separately, in the same training forward.
+- trl_settings: the dicts are merged; two methods driving the same TRL setting is an error.
 - state: one JSON-serialisable dict per method, keyed by the method's name; ``state_dict`` /
   ``load_state_dict`` for checkpoints, ``snapshot`` / ``restore`` (a deep copy, as a value) to undo an
   optimizer step that the guards skip.
@@ -25,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import (GenerateFn, LossBatch, Method, MethodConfigError, Rollout, RolloutBatch,
-                                       RolloutContext, TokenTerms)
+from rlvr_entropy.methods.base import (TRL_SETTINGS, GenerateFn, LossBatch, Method, MethodConfigError, Rollout,
+                                       RolloutBatch, RolloutContext, TokenTerms)
 
 
 class NonFiniteError(FloatingPointError):
@@ -73,6 +76,17 @@ class Pipeline:
             out |= m.needs
         return frozenset(out)
 
+    @property
+    def loss_needs(self) -> frozenset[str]:
+        out: set[str] = set()
+        for m in self.methods:
+            out |= m.loss_needs
+        return frozenset(out)
+
+    def logit_stat_methods(self) -> list[Method]:
+        """The methods whose ``logit_stat`` the training forward must compute."""
+        return self._with("logit_stat")
+
     def uses(self, hook: str) -> bool:
         return any(hook in m.hooks() for m in self.methods)
 
@@ -87,6 +101,21 @@ class Pipeline:
     def check(self, args: Any) -> None:
         for m in self.methods:
             m.check(args)
+
+    def trl_settings(self, step: int) -> dict[str, float]:
+        """The TRL settings the methods drive before optimizer step ``step``."""
+        settings: dict[str, float] = {}
+        owners: dict[str, str] = {}
+        for m in self._with("trl_settings"):
+            for key, value in m.trl_settings(step).items():
+                if key not in TRL_SETTINGS:
+                    raise MethodConfigError(f"method '{m.name}' drives unknown TRL setting '{key}' (known: "
+                                            f"{', '.join(sorted(TRL_SETTINGS))})")
+                if key in owners:
+                    raise MethodConfigError(f"methods '{owners[key]}' and '{m.name}' both drive TRL's {key}")
+                owners[key] = m.name
+                settings[key] = float(value)
+        return settings
 
     def reward_columns(self, reward_names: list[str]) -> list[str]:
         """The reward columns the methods add after the run's reward functions ``reward_names``: one per
@@ -145,6 +174,9 @@ class Pipeline:
         weight: Tensor | None = None
         detach: Tensor | None = None
         extra: Tensor | None = None
+        scalar: Tensor | None = None
+        eps_low: Tensor | None = None
+        eps_high: Tensor | None = None
         for m in self._with("token_loss"):
             batch.weight = torch.ones_like(batch.mask) if weight is None else weight
             with batch.scope(m.name):
@@ -152,7 +184,8 @@ class Pipeline:
             if terms is None:
                 continue
             shape = tuple(batch.mask.shape)
-            for label, t in (("weight", terms.weight), ("detach", terms.detach), ("extra", terms.extra)):
+            for label, t in (("weight", terms.weight), ("detach", terms.detach), ("extra", terms.extra),
+                             ("eps_low", terms.eps_low), ("eps_high", terms.eps_high)):
                 if t is not None and tuple(t.shape) != shape:
                     raise ValueError(f"method '{m.name}' returned {label} of shape {tuple(t.shape)}, expected {shape}")
             if terms.weight is not None:
@@ -166,7 +199,17 @@ class Pipeline:
                 detach = d if detach is None else detach | d
             if terms.extra is not None and self._finite(terms.extra.detach() * batch.mask, None, m, "extra loss term"):
                 extra = terms.extra if extra is None else extra + terms.extra
-        return TokenTerms(weight=weight, detach=detach, extra=extra)
+            if terms.scalar is not None:
+                if terms.scalar.dim() != 0:
+                    raise ValueError(f"method '{m.name}' returned a scalar term of shape {tuple(terms.scalar.shape)}")
+                if self._finite(terms.scalar.detach(), None, m, "scalar loss term"):
+                    scalar = terms.scalar if scalar is None else scalar + terms.scalar
+            for label, t in (("eps_low", terms.eps_low), ("eps_high", terms.eps_high)):
+                if t is not None and bool(((t < 0) & (batch.mask > 0)).any()):
+                    raise ValueError(f"method '{m.name}' returned a negative {label}")
+            eps_low = terms.eps_low.detach().float() if terms.eps_low is not None else eps_low
+            eps_high = terms.eps_high.detach().float() if terms.eps_high is not None else eps_high
+        return TokenTerms(weight=weight, detach=detach, extra=extra, scalar=scalar, eps_low=eps_low, eps_high=eps_high)
 
     def _finite(self, value: Tensor, reference: Tensor | None, method: Method, hook: str) -> bool:
         """True if ``value`` is finite wherever ``reference`` (if given) is; else raise or record the event."""
