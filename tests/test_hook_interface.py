@@ -157,3 +157,21 @@ def test_methods_drive_trls_settings_before_each_optimizer_step(model_dir, tmp_p
     twice = Pipeline([DrivesCoef(), type("Other", (DrivesCoef,), {"name": "other"})()])
     with pytest.raises(MethodConfigError, match="both drive TRL's entropy_coef"):
         twice.trl_settings(0)
+
+
+def test_global_means_over_tokens_subsets_and_rows():
+    from helpers.cov_example import loss_batch
+
+    batch = loss_batch()
+    values = torch.arange(batch.mask.numel(), dtype=torch.float32).view_as(batch.mask).requires_grad_()
+    subset = values.detach() > 10
+    mean = batch.global_mean(values, subset)
+    m = batch.mask * subset
+    assert mean.item() == pytest.approx(float((values.detach() * m).sum() / m.sum()))
+    mean.backward()
+    assert torch.allclose(values.grad, m / m.sum())
+    rows = torch.tensor([1.0, 2.0, 3.0, 6.0, 8.0])[: batch.mask.size(0)].requires_grad_()
+    row_mean = batch.global_mean(rows)
+    assert row_mean.item() == pytest.approx(float(rows.detach().mean()))
+    row_mean.backward()
+    assert torch.allclose(rows.grad, torch.full_like(rows, 1 / rows.numel()))

@@ -297,6 +297,7 @@ class LossBatch(_MethodScope):
     num_processes: int
     gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over processes (identity on one)
+    training: bool = True  # False under trainer.evaluate(): controllers must not update their state then
     rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
     rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
     ref_logps: Tensor | None = None  # (B, T) reference-model log-probs, present when TRL's beta != 0
@@ -316,25 +317,32 @@ class LossBatch(_MethodScope):
         return self.logit_stats[key]
 
     def global_sum_count(self, values: Tensor, subset: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Sum of ``values`` (B, T) over the counted tokens of ``subset`` (default: all counted tokens) and their
-        number, both summed over every process's micro-batch: detached float32 scalars, equal on every process."""
-        m = self.mask if subset is None else self.mask * subset.to(self.mask.dtype)
+        """Sum of ``values`` over the counted items of ``subset`` and their number, both summed over every process's
+        micro-batch: detached float32 scalars, equal on every process. Items are tokens for (B, T) ``values`` (counted:
+        ``mask``, times ``subset`` if given) and rows for (B,) ``values`` (counted: all rows, or ``subset`` (B,))."""
+        m = self._counted(values, subset)
         totals = self.reduce_sum(torch.stack([(values.detach().float() * m).sum(), m.sum().float()]))
         return totals[0], totals[1]
 
     def global_mean(self, values: Tensor, subset: Tensor | None = None) -> Tensor:
-        """The mean of ``values`` (B, T) over the counted tokens of ``subset`` (default: all) of every process's
-        micro-batch: a scalar loss term with its own denominator, for ``TokenTerms.scalar``.
+        """The mean of ``values`` over the counted tokens ((B, T) values) or rows ((B,) values) of ``subset``
+        (default: all) of every process's micro-batch: a scalar loss term with its own denominator, for
+        ``TokenTerms.scalar``.
 
-        Its value is the global mean on every process; its gradient flows through this process's tokens scaled by
+        Its value is the global mean on every process; its gradient flows through this process's items scaled by
         ``num_processes / global count``, so the gradient DDP applies (the mean over processes) is the gradient
         one process holding all the rows would compute. Every process must call it (it reduces across them).
         """
-        m = self.mask if subset is None else self.mask * subset.to(self.mask.dtype)
+        m = self._counted(values, subset)
         total, count = self.global_sum_count(values, subset)
         count = count.clamp(min=1.0)
         local = (values.float() * m).sum() * (self.num_processes / count)
         return local + (total / count - local).detach()
+
+    def _counted(self, values: Tensor, subset: Tensor | None) -> Tensor:
+        if values.dim() == 1:  # one value per row
+            return torch.ones_like(values, dtype=torch.float32) if subset is None else subset.float()
+        return self.mask if subset is None else self.mask * subset.to(self.mask.dtype)
 
     def has_carried(self, name: str) -> bool:
         """Whether this method's reward or advantage hook carried ``name`` into this micro-batch."""
