@@ -42,6 +42,11 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(next(directory.glob("*.safetensors"))))
 
 
+def row_prompts(row: dict) -> float:
+    """Prompts per generation batch in FAST's geometry (one generation batch per logged step)."""
+    return 16 / 4  # per_device_train_batch_size 16, steps_per_generation 1, num_generations 4
+
+
 def test_tiny_run_changes_weights_and_logs_entropy(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     trainer = train(load_recipe(RECIPE, [*FAST, f"output_dir={out}"]))
@@ -56,6 +61,12 @@ def test_tiny_run_changes_weights_and_logs_entropy(tiny_model_path, tmp_path):
             assert isinstance(row.get(key), float), (key, row)
         assert row["entropy/p10"] <= row["entropy/p50"] <= row["entropy/p90"]
         assert row["rollout_entropy/p10"] <= row["rollout_entropy/p50"] <= row["rollout_entropy/p90"]
+        # the difficulty diagnostic: every prompt of the batch in one bucket, with its entropy where it has prompts
+        buckets = ("unsolved", "hard", "medium", "easy", "solved")
+        prompts = [row[f"entropy_by_difficulty/{b}/prompts"] for b in buckets]
+        assert sum(prompts) == pytest.approx(row_prompts(row))
+        for bucket, count in zip(buckets, prompts, strict=True):
+            assert (f"entropy_by_difficulty/{bucket}/entropy" in row) == (count > 0)
     # on the first step the rollout and the training pass score the same policy on the same tokens
     assert rows[0]["rollout_entropy/mean"] == pytest.approx(rows[0]["entropy"], abs=1e-4)
     assert (out / "recipe.yaml").is_file()

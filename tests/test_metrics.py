@@ -148,3 +148,37 @@ def test_a_new_run_in_an_old_runs_directory_starts_its_own_log(tmp_path, caplog)
     # another process never touches the file
     MetricsJsonlCallback(str(path)).on_train_begin(None, SimpleNamespace(is_world_process_zero=False, global_step=0), None)
     assert path.exists()
+
+
+# ------------------------------------------------------------------ entropy by difficulty (methods-2.md §9.3)
+
+
+def test_difficulty_buckets_have_exact_edges():
+    from rlvr_entropy.metrics import difficulty_buckets
+
+    # G = 6: p = 0, 1/6, 2/6 (medium: 1/3 is the edge), 3/6, 4/6 (easy: 2/3 is the edge), 5/6, 1
+    rewards = torch.tensor([[1.0] * k + [0.0] * (6 - k) for k in range(7)]).flatten()
+    assert difficulty_buckets(rewards, 6, 0.5).tolist() == [0, 1, 2, 2, 3, 3, 4]
+    nan = torch.tensor([float("nan"), 1.0, 1.0, 1.0])  # an unscored response counts as wrong
+    assert difficulty_buckets(nan, 4, 0.5).tolist() == [3]
+
+
+def test_entropy_by_difficulty_reproduces_the_worked_example():
+    from rlvr_entropy.metrics import entropy_by_difficulty
+
+    rewards = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.float32).flatten()
+    h = torch.tensor([[.42, .40, .45, .43], [.30, .28, .35, .50], [.38, .55, .60, .52], [.70, .65, .80, .75]]).flatten()
+    lengths = torch.tensor([[100, 120, 80, 100], [200, 180, 220, 400], [300, 500, 450, 350], [600, 700, 800, 650]])
+    mask = (torch.arange(800).unsqueeze(0) < lengths.flatten().unsqueeze(1)).float()  # (16, 800)
+    # padding holds junk that must not count
+    entropy = torch.where(mask > 0, h.unsqueeze(1).expand(-1, 800), torch.full((16, 800), 9.0))
+    out = entropy_by_difficulty(rewards, 4, mask, entropy, threshold=0.5)
+    expected = {"solved": (0.425, 100.0), "easy": (0.3575, 250.0), "hard": (0.5125, 400.0), "unsolved": (0.725, 687.5)}
+    for bucket, (mean_entropy, length) in expected.items():
+        assert out[f"entropy_by_difficulty/{bucket}/prompts"] == 1.0
+        assert out[f"entropy_by_difficulty/{bucket}/entropy"] == pytest.approx(mean_entropy, abs=1e-6)
+        assert out[f"entropy_by_difficulty/{bucket}/length"] == pytest.approx(length)
+    assert out["entropy_by_difficulty/medium/prompts"] == 0.0
+    assert "entropy_by_difficulty/medium/entropy" not in out  # an empty bucket logs no NaN
+    no_entropy = entropy_by_difficulty(rewards, 4, mask, None, threshold=0.5)
+    assert "entropy_by_difficulty/easy/length" in no_entropy and "entropy_by_difficulty/easy/entropy" not in no_entropy
