@@ -209,6 +209,11 @@ SCOPE_SETTINGS = {
     # TRL's own entropy bonus, which this method switches on, is the mean entropy of each process's tokens, then
     # averaged over processes by DDP: with unequal token counts per process its gradient is not one process's.
     "entropy_bonus": {"trl_per_process_gradient": True},
+    # Archer's own KL (on low-entropy tokens) replaces TRL's: it refuses beta != 0 (TRL's reference model is still
+    # built for it). "args" are TRL settings for the method's trainer, over the worker's defaults.
+    "archer": {"args": {"beta": 0.0}},
+    # SIREN applies no penalty during optimizer step 0 (it measures its anchor): a fixed anchor exercises the penalty.
+    "siren": {"entry": {"anchor": 0.5}},
 }
 
 
@@ -219,7 +224,8 @@ def method_scope_runs(model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("method_scope")
     spec = {name: {"entry": {"name": name, **SCOPE_SETTINGS.get(name, {}).get("entry", {})},
-                   "tags": SCOPE_SETTINGS.get(name, {}).get("tags", {})} for name in METHODS}
+                   "tags": SCOPE_SETTINGS.get(name, {}).get("tags", {}),
+                   "args": SCOPE_SETTINGS.get(name, {}).get("args", {})} for name in METHODS}
     for world in (1, 2):
         cmd = torchrun("method_scope_worker.py", model_dir, out, json.dumps(spec), nproc=world)
         proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=600)

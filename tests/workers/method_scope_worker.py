@@ -61,8 +61,9 @@ def main() -> None:
             reward_funcs=[correctness, dense],
             # 8 rows per micro-batch on every process count: one optimizer step sees the whole batch
             args=EntropyGRPOConfig(**cpu_args(out_dir / f"run_{name}_{world}", per_device_train_batch_size=local_rows,
-                                              num_generations=GROUP, max_completion_length=24, beta=0.04,
-                                              methods=[spec["entry"]], epsilon=0.2)),
+                                              num_generations=GROUP, max_completion_length=24,
+                                              methods=[spec["entry"]], **{"beta": 0.04, "epsilon": 0.2,
+                                                                          **spec.get("args", {})})),
             train_dataset=make_dataset("arithmetic", 16, 0),
             processing_class=tokenizer,
         )
