@@ -1,5 +1,6 @@
 """Figures from ``metrics.jsonl`` files: training curves of several runs, the entropy-performance law
-fit and the covariance diagnostic. The numbers come from :mod:`rlvr_entropy.analysis`.
+fit and the covariance diagnostic. The numbers come from :mod:`rlvr_entropy.analysis`, except the
+entropy-by-difficulty profile (:func:`difficulty_profile`), which only this figure uses.
 
 Each figure is built by a ``*_figure`` function that returns the matplotlib Figure (so tests and
 notebooks can inspect panels and legends), and saved by ``save_figure``. Files still being written
@@ -8,9 +9,11 @@ are read as they are (a torn last line is skipped), so this works during a run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -30,6 +33,7 @@ from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers i
     AnalysisError,
     CovarianceDiagnostic,
     LawFit,
+    Row,
     Run,
     Tradeoff,
     eval_datasets,
@@ -44,12 +48,18 @@ from rlvr_entropy.analysis import (  # noqa: E402  (re-exported: older callers i
 )
 
 __all__ = [
-    "Panel", "covariance_figure", "law_figure", "tradeoff_figure", "plot_runs", "read_metrics", "run_label", "runs_figure",
-    "save_figure", "series", "training_panels",
+    "DifficultyProfile", "Panel", "covariance_figure", "difficulty_profile", "law_figure", "plot_runs", "read_metrics",
+    "run_label", "runs_figure", "save_figure", "series", "target_keys", "tradeoff_figure", "training_panels",
 ]
 
 THINK, ANSWER = "pear/think_entropy", "pear/answer_entropy"
 PANEL_W, PANEL_H = 5.6, 2.5   # inches per panel: two columns fit a laptop screen and a README
+TARGET_SUFFIX = "/target"     # a method's entropy target (``<method>/target``), drawn over the measured entropy
+# The trainer's group-accuracy buckets (rlvr_entropy.metrics.DIFFICULTY_BUCKETS, not imported: it pulls in torch),
+# with the share p of a group's answers that were right, for the axis.
+DIFFICULTY = (("unsolved", "p = 0"), ("hard", "p < 1/3"), ("medium", "p < 2/3"), ("easy", "p < 1"), ("solved", "p = 1"))
+DIFFICULTY_KEY = "entropy_by_difficulty/{}/{}"
+EDGE_SHARE = 0.1              # the profile's "start" and "end": the first and last tenth of the logged rollouts
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class Panel:
     note: str | None = None       # legend for line styles when a panel draws several keys per run
     smooth: bool = False
     markers: bool = False         # sparse series (evaluations every N steps): draw each point
+    targets: bool = False         # also draw each run's ``<method>/target`` series, dashed, in the run's colour
+    kind: Literal["steps", "difficulty"] = "steps"  # x = optimizer step, or x = accuracy bucket (a profile)
 
 
 def known_methods() -> list[str]:
@@ -77,15 +89,74 @@ def _logged(runs: Sequence[Run], key: str) -> bool:
     return any(series(run.rows, key)[0] for run in runs)
 
 
+def target_keys(run: Run) -> list[str]:
+    """The run's entropy targets: every logged key ending in ``/target`` (``<method>/target``), first-logged order."""
+    keys = dict.fromkeys(k for row in run.rows for k in row if k.endswith(TARGET_SUFFIX) and not k.startswith(EVAL))
+    return [k for k in keys if series(run.rows, k)[0]]
+
+
+@dataclass(frozen=True)
+class DifficultyProfile:
+    """A run's mean rollout entropy per accuracy bucket over its first and its last tenth of generation batches.
+
+    ``start``/``end`` map a bucket name to the entropy (nats), the mean over the batches of the window of each batch's
+    mean per-response entropy in that bucket, weighted by the batch's prompts in it; a bucket no batch of the window
+    filled is absent. ``start_steps``/``end_steps``: the first and last step of each window."""
+
+    start: dict[str, float]
+    end: dict[str, float]
+    start_steps: tuple[int, int]
+    end_steps: tuple[int, int]
+
+
+def difficulty_profile(run: Run, share: float = EDGE_SHARE) -> DifficultyProfile | None:
+    """:class:`DifficultyProfile` of a run from its ``entropy_by_difficulty/<bucket>/{entropy,prompts}`` keys (logged by
+    the trainer on every generation batch); None when it logged none. Each window holds ``share`` of the batches that
+    logged an entropy (at least one; a run with a single batch has the same start and end)."""
+    names = [name for name, _ in DIFFICULTY]
+    rows = [r for r in run.rows if any(_finite(r.get(DIFFICULTY_KEY.format(b, "entropy"))) for b in names)]
+    if not rows:
+        return None
+    size = max(1, round(share * len(rows)))
+
+    def window(part: Sequence[Row]) -> dict[str, float]:
+        out = {}
+        for bucket in names:
+            total = weight = 0.0
+            for row in part:
+                value = row.get(DIFFICULTY_KEY.format(bucket, "entropy"))
+                prompts = row.get(DIFFICULTY_KEY.format(bucket, "prompts"), 1.0)
+                if _finite(value) and _finite(prompts) and prompts > 0:
+                    total += prompts * value
+                    weight += prompts
+            if weight > 0:
+                out[bucket] = total / weight
+        return out
+
+    def steps(part: Sequence[Row]) -> tuple[int, int]:
+        return int(part[0].get("step", 0)), int(part[-1].get("step", 0))
+
+    first, last = rows[:size], rows[-size:]
+    return DifficultyProfile(window(first), window(last), steps(first), steps(last))
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Panel]:
-    """The panels these runs have data for: mean entropy beside accuracy, rollout entropy, entropy by phase,
-    reward, length, Cov(log pi, A), the entropy spread (p10-p90), evaluations, then every statistic of every
+    """The panels these runs have data for: mean entropy (with every method's ``<method>/target``) beside accuracy,
+    rollout entropy, entropy by phase, reward, length, Cov(log pi, A), the entropy spread (p10-p90), the rollout
+    entropy per accuracy bucket at the start and the end of the run, evaluations, then every statistic of every
     method (``<method>/<stat>``)."""
     # The headline row: mean entropy beside accuracy, lines only, so that runs that differ look apart; the
     # per-token spread (p10-p90, which reaches 0 and would drown the means) has panels of its own below.
     accuracy = ACCURACY if any(_logged([run], ACCURACY) for run in runs) else REWARD
+    targets = list(dict.fromkeys(k for run in runs for k in target_keys(run)))
+    target_note = f"solid: measured, dashed: {' / '.join(k.removesuffix(TARGET_SUFFIX) for k in targets)} target"
     candidates = [
-        Panel("token entropy, training pass (nats): mean", ((ENTROPY, "-"),)),
+        Panel("token entropy, training pass (nats): mean" + (" and target" if targets else ""), ((ENTROPY, "-"),),
+              targets=bool(targets), note=target_note if targets else None),
         Panel(f"accuracy ({accuracy})" if accuracy == ACCURACY else "reward", ((accuracy, "-"),), smooth=True),
         Panel("token entropy, rollouts (nats): mean", ((ROLLOUT_ENTROPY, "-"),)),
         Panel("entropy by phase (nats): think vs answer", ((THINK, "-"), (ANSWER, "--")),
@@ -102,6 +173,10 @@ def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Pa
         Panel("token entropy spread, rollouts: p50, p10-p90 band", (("rollout_entropy/p50", "-"),),
               ("rollout_entropy/p10", "rollout_entropy/p90")),
     ]
+    if any(difficulty_profile(run) is not None for run in runs):
+        pct = round(100 * EDGE_SHARE)
+        candidates.append(Panel("entropy by difficulty, rollouts (nats): per-response mean", (), kind="difficulty",
+                                note=f"light: first {pct}% of rollouts, dark: last {pct}%"))
     for name in dict.fromkeys(d for run in runs for d in eval_datasets(run.rows)):
         k = max((eval_k(run.rows, name) or 1 for run in runs), default=1)
         pass_keys = ((f"{EVAL}{name}/pass@1", "-"),) + (((f"{EVAL}{name}/pass@{k}", "--"),) if k > 1 else ())
@@ -110,7 +185,7 @@ def training_panels(runs: Sequence[Run], methods: Iterable[str] = ()) -> list[Pa
                   note=f"solid: pass@1, dashed: pass@{k}" if k > 1 else None, markers=True),
             Panel(f"eval {name}: token entropy of the samples (nats)", ((f"{EVAL}{name}/entropy", "-"),), markers=True),
         ]
-    panels = [p for p in candidates if any(_logged(runs, k) for k, _ in p.keys)]
+    panels = [p for p in candidates if p.kind != "steps" or any(_logged(runs, k) for k, _ in p.keys)]
     stats: dict[str, list[str]] = {}
     for run in runs:
         for method, keys in method_stat_keys(run.rows, [*methods, *run.methods]).items():
@@ -163,10 +238,21 @@ def runs_figure(
         raise AnalysisError(f"no plottable metrics in {', '.join(str(r.path) for r in runs)} (has a step been logged yet?)")
     ncols = 1 if len(panels) == 1 else 2
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows + 0.6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL_W * ncols, PANEL_H * nrows + 0.6), squeeze=False)
     colors = {run.path: f"C{i % 10}" for i, run in enumerate(runs)}
     band_alpha = 0.15 if len(runs) == 1 else 0.06  # overlapping bands stay readable
-    for ax, panel in zip(axes.flat, panels):
+    step_axes = [ax for ax, panel in zip(axes.flat, panels) if panel.kind == "steps"]
+    for ax in step_axes[1:]:
+        ax.sharex(step_axes[0])  # every panel over steps shares the step axis; a profile panel has its own
+    for index, (ax, panel) in enumerate(zip(axes.flat, panels)):
+        if panel.kind == "difficulty":
+            _draw_difficulty(ax, panel, runs, colors)
+            continue
+        # step tick labels under the lowest panel over steps of each column only
+        below = index + ncols < len(panels) and panels[index + ncols].kind == "steps"
+        ax.tick_params(labelbottom=not below)
+        if not below:
+            ax.set_xlabel("step", fontsize=9)
         smoothed = False
         for run in runs:
             for key, style in panel.keys:
@@ -182,6 +268,9 @@ def runs_figure(
                 else:
                     ax.plot(steps, values, style, color=color, linewidth=1.3, marker="o" if panel.markers else None,
                             markersize=3)
+            if panel.targets:
+                for key in target_keys(run):
+                    ax.plot(*series(run.rows, key), "--", color=colors[run.path], linewidth=1.2)
             if panel.band is not None:
                 lo_steps, lo = series(run.rows, panel.band[0])
                 hi_steps, hi = series(run.rows, panel.band[1])
@@ -195,20 +284,40 @@ def runs_figure(
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         if panel.note:
-            styles = [Line2D([], [], color="0.3", linestyle=s) for _, s in panel.keys]
+            line_styles = ("-", "--") if panel.targets else [s for _, s in panel.keys]
+            styles = [Line2D([], [], color="0.3", linestyle=s) for s in line_styles]
             ax.legend(styles, panel.note.split(", "), fontsize=7, loc="best")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax in axes[-1, :]:
-        ax.set_xlabel("step", fontsize=9)
-    if len(panels) % ncols:  # the last row is short: give the panel above the empty slot its tick labels
-        axes[-2, -1].xaxis.set_tick_params(labelbottom=True)
-        axes[-2, -1].set_xlabel("step", fontsize=9)
     handles = [Line2D([], [], color=colors[run.path], linewidth=2) for run in runs]
     fig.legend(handles, [run.label for run in runs], loc="upper center", ncol=min(len(runs), 3), fontsize=9, frameon=False)
     legend_rows = -(-len(runs) // 3)
     fig.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.22 * legend_rows) / fig.get_figheight()))
     return fig
+
+
+def _draw_difficulty(ax, panel: Panel, runs: Sequence[Run], colors: dict) -> None:
+    """Each run's :func:`difficulty_profile`: mean rollout entropy per accuracy bucket (x, hardest first), light at the
+    start of the run, dark at its end; only buckets some run has data for."""
+    profiles = [(run, difficulty_profile(run)) for run in runs]
+    buckets = [(name, p) for name, p in DIFFICULTY
+               if any(prof is not None and (name in prof.start or name in prof.end) for _, prof in profiles)]
+    xs = list(range(len(buckets)))
+    for run, prof in profiles:
+        if prof is None:
+            continue
+        for values, alpha, style in ((prof.start, 0.4, ":"), (prof.end, 1.0, "-")):
+            ys = [values.get(name, math.nan) for name, _ in buckets]  # NaN: no line through an empty bucket
+            ax.plot(xs, ys, style, color=colors[run.path], alpha=alpha, linewidth=1.5, marker="o", markersize=4)
+    ax.set_xticks(xs, [f"{name}\n{p}" for name, p in buckets], fontsize=8)
+    ax.set_xlim(-0.3, len(buckets) - 0.7)
+    ax.set_xlabel("prompt difficulty: share p of the group's answers right", fontsize=9)
+    ax.set_title(panel.title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(axis="y", labelsize=8)
+    styles = [Line2D([], [], color="0.3", alpha=0.4, linestyle=":", marker="o", markersize=4),
+              Line2D([], [], color="0.3", linestyle="-", marker="o", markersize=4)]
+    ax.legend(styles, (panel.note or "start, end").split(", "), fontsize=7, loc="best")
 
 
 def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, *, dpi: int = 110, **kwargs) -> Path:

@@ -4,9 +4,11 @@
 # same seed on the `split` task, where GRPO's entropy collapses (recipes/tiny/{grpo,clip_cov,kl_cov}_split.yaml,
 # each evaluating itself every 100 steps), report held-out pass@1 / pass@8 / maj@8 and entropy before and
 # after, draw the entropy, reward, evaluation and method curves of the three runs on one figure
-# (runs/quickstart/curves.png), print the compare table with one line per method against GRPO and the
-# pass@1-vs-pass@8 table, and fit the entropy-performance law and the covariance diagnostic
-# (entropy_law.png, covariance.png, tradeoff.png). Three seeds of every method: scripts/reproduce_tiny.sh.
+# (runs/quickstart/curves.png; one panel shows each run's rollout entropy per prompt-difficulty bucket,
+# unsolved to solved, over its first and its last tenth of rollouts), print the compare table with one
+# line per method against GRPO and the pass@1-vs-pass@8 table, and fit the entropy-performance law and
+# the covariance diagnostic (entropy_law.png, covariance.png, tradeoff.png). Three seeds of every method:
+# scripts/reproduce_tiny.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup_env.sh

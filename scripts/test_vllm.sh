@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 # In-process vLLM engine (no EngineCore process) and a 1 GiB KV cache instead of half the RAM.
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-"${RLVR_VLLM_VENV:-.venv-vllm}/bin/python" -m pytest -m vllm tests/test_vllm.py "$@"
+"${RLVR_VLLM_VENV:-.venv-vllm}/bin/python" -m pytest -m vllm tests/test_vllm.py tests/methods/test_typical.py "$@"

@@ -172,3 +172,80 @@ def test_eval_panels_draw_pass_at_1_and_k_with_their_points(tmp_path):
     assert [list(line.get_ydata()) for line in lines] == [[0.3, 0.5, 0.6], [0.8, 0.7, 0.65]]
     assert [line.get_marker() for line in lines] == ["o", "o"] and lines[1].get_linestyle() == "--"
     assert not any(x.startswith("eval") for x in titles(runs_figure([tmp_path / "plain"])))
+
+
+def difficulty_rows(steps: int = 40, per_generation: int = 4) -> list[dict]:
+    """law_rows plus the trainer's entropy_by_difficulty keys on generation steps: 10 rollouts; the entropy of the
+    hard bucket falls from 1.0 by 0.05 per rollout, easy stays 0.5 (weighted by prompts), 'solved' never fills and
+    'unsolved' has prompts but no entropy (no rollout entropy logged for it)."""
+    rows = law_rows(steps=steps, per_generation=per_generation)
+    for row in rows:
+        if "reward" not in row:
+            continue
+        k = (row["step"] - 1) // per_generation  # rollout index 0..9
+        row.update({
+            "entropy_by_difficulty/unsolved/prompts": 1.0, "entropy_by_difficulty/solved/prompts": 0.0,
+            "entropy_by_difficulty/hard/prompts": 4.0, "entropy_by_difficulty/hard/entropy": 1.0 - 0.05 * k,
+            "entropy_by_difficulty/medium/prompts": 2.0, "entropy_by_difficulty/medium/entropy": 0.8,
+            "entropy_by_difficulty/easy/prompts": 1.0 + k, "entropy_by_difficulty/easy/entropy": 0.5,
+        })
+        if k == 0:  # a batch with its medium prompts counted three times as much as the next one
+            row["entropy_by_difficulty/medium/prompts"] = 6.0
+        if k == 1:
+            row["entropy_by_difficulty/medium/entropy"] = 0.4
+    return rows
+
+
+def test_entropy_by_difficulty_panel_draws_start_and_end_per_run(tmp_path):
+    rows = difficulty_rows()
+    one = write_run(tmp_path / "one", rows)
+    fig = runs_figure([one, write_run(tmp_path / "plain", law_rows())], methods=[])
+    t = titles(fig)
+    ax = fig.axes[t.index("entropy by difficulty, rollouts (nats): per-response mean")]
+    # x: the buckets with data, hardest first; 'unsolved' (no entropy) and 'solved' (never filled) are skipped
+    assert [x.get_text() for x in ax.get_xticklabels()] == ["hard\np < 1/3", "medium\np < 2/3", "easy\np < 1"]
+    start, end = ax.get_lines()  # the run without the keys draws nothing here
+    assert start.get_alpha() < end.get_alpha() and start.get_color() == end.get_color() == "C0"
+    # one rollout in each window (10% of 10); the ends of the run
+    assert list(start.get_ydata()) == pytest.approx([1.0, 0.8, 0.5])
+    assert list(end.get_ydata()) == pytest.approx([1.0 - 0.05 * 9, 0.8, 0.5])
+    assert [x.get_text() for x in ax.get_legend().get_texts()] == ["light: first 10% of rollouts", "dark: last 10%"]
+    # its x axis is its own; the step panels share theirs
+    entropy_ax = fig.axes[0]
+    assert not entropy_ax.get_shared_x_axes().joined(entropy_ax, ax)
+    assert entropy_ax.get_shared_x_axes().joined(entropy_ax, fig.axes[t.index("completion length (tokens, mean)")])
+    # no keys, no panel
+    assert not any("difficulty" in x for x in titles(runs_figure([tmp_path / "plain"], methods=[])))
+
+
+def test_difficulty_profile_weights_batches_by_their_prompts_in_the_bucket(tmp_path):
+    from rlvr_entropy.analysis import load_run
+    from rlvr_entropy.plotting import difficulty_profile
+
+    run = load_run(write_run(tmp_path / "d", difficulty_rows()))
+    wide = difficulty_profile(run, share=0.2)  # two rollouts per window
+    assert wide.start_steps == (1, 5) and wide.end_steps == (33, 37)
+    assert wide.start["medium"] == pytest.approx((6 * 0.8 + 2 * 0.4) / 8)
+    assert wide.start["hard"] == pytest.approx(0.975) and wide.end["hard"] == pytest.approx(1.0 - 0.05 * 8.5)
+    assert set(wide.start) == {"hard", "medium", "easy"}
+    assert difficulty_profile(load_run(write_run(tmp_path / "p", law_rows()))) is None
+
+
+def test_method_targets_are_drawn_dashed_over_the_measured_entropy(tmp_path):
+    rows = law_rows()
+    for row in rows:
+        if "reward" in row:
+            row["aepo/target"] = 0.6  # logged on generation steps, as AEPO does
+    aepo = write_run(tmp_path / "aepo", rows, methods=[{"name": "aepo"}])
+    plain = write_run(tmp_path / "plain", law_rows())
+    fig = runs_figure([plain, aepo], methods=[])
+    ax = fig.axes[0]
+    assert ax.get_title() == "token entropy, training pass (nats): mean and target"
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_color() == "C1"  # the AEPO run's colour
+    assert list(dashed[0].get_ydata()) == [0.6] * 10 and list(dashed[0].get_xdata()) == list(range(1, 41, 4))
+    assert [x.get_text() for x in ax.get_legend().get_texts()] == ["solid: measured", "dashed: aepo target"]
+    # the target keeps its own method panel too; without targets the headline panel is as before
+    assert any(x.startswith("aepo/target") for x in titles(fig))
+    plain_ax = runs_figure([plain], methods=[]).axes[0]
+    assert plain_ax.get_title() == "token entropy, training pass (nats): mean" and plain_ax.get_legend() is None
