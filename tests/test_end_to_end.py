@@ -248,7 +248,7 @@ METHOD_RECIPES = sorted(p for p in RECIPE.parent.glob("*.yaml") if not p.stem.st
 # Statistics a method must log in this short run, beyond at least one of its own.
 EXPECTED_STATISTICS = {
     "pear": {"pear/think_entropy", "pear/answer_entropy", "pear/penalty", "pear/missing_marker", "pear/length"},
-    "aepo": {"aepo/estimate", "aepo/target", "aepo/temperature", "aepo/injected", "aepo/nll", "aepo/entropy"},
+    "aepo": {"aepo/estimate", "aepo/target", "aepo/error", "aepo/temperature", "aepo/injected", "aepo/nll", "aepo/entropy"},
     "ares": {"ares/threshold", "ares/hwe", "ares/share_easy", "ares/entropy_reward", "ares/beta_easy"},
 }
 

@@ -209,6 +209,7 @@ SCOPE_SETTINGS = {
     # TRL's own entropy bonus, which this method switches on, is the mean entropy of each process's tokens, then
     # averaged over processes by DDP: with unequal token counts per process its gradient is not one process's.
     "entropy_bonus": {"trl_per_process_gradient": True},
+    "entropy_coef_schedule": {"trl_per_process_gradient": True},  # TRL's bonus again, with a scheduled coefficient
     # Archer's own KL (on low-entropy tokens) replaces TRL's: it refuses beta != 0 (TRL's reference model is still
     # built for it). "args" are TRL settings for the method's trainer, over the worker's defaults.
     "archer": {"args": {"beta": 0.0}},

@@ -42,6 +42,14 @@ Deviations from the reference, and why:
 The paper's additive ``alpha`` form would need completions outside the batch; ``injected_advantage``
 scales the reinforce term instead.
 
+The ``target`` may be a schedule or calibrated (``rlvr_entropy/methods/schedule.py``): a number,
+``{kind: linear|cosine, start, end, steps}``, ``{kind: step, start, milestones, gamma}`` or
+``{kind: calibrated, steps, scale}``; the switch at a rollout compares ``H_est`` with the target at that
+rollout's optimizer step. A calibrated target is ``scale`` times the token-weighted mean of the estimator
+over the rollouts of the first ``steps`` optimizer steps; until then AEPO draws no extra samples and injects
+nothing (plain GRPO). Its sums and fixed value are part of the method state (checkpointed). Logged per
+rollout: ``target`` (at the switch) and ``error`` = the batch's fresh estimate minus that target.
+
 Formulas, defaults and the worked examples the tests use: ``docs/methods.md`` §7.
 """
 
@@ -63,6 +71,7 @@ from rlvr_entropy.methods.base import (
     RolloutContext,
     register,
 )
+from rlvr_entropy.methods.schedule import EntropyTarget
 
 INJECTED = "injected"  # rollout tag: 1.0 on rows whose completion was replaced by a kept extra sample
 
@@ -99,7 +108,8 @@ class Aepo(Method):
 
     needs = frozenset({"entropy", "logps"})
 
-    target: float = 0.5  # target entropy H (nats per token; the reference script 0.5, its best run 0.75)
+    target: float | dict[str, Any] = 0.5  # target entropy H (nats per token; the reference script 0.5, its best
+    # run 0.75), or a schedule / calibration (rlvr_entropy/methods/schedule.py)
     temperature_high: float = 1.2  # sampling temperature for extra samples while below the target
     temperature_low: float = 0.8  # ... and while above it
     num_samples: int = 60  # most extra samples kept per generation batch below the target (half above)
@@ -108,6 +118,10 @@ class Aepo(Method):
     injected_advantage: float = 1.0  # advantage of a kept sample on all its tokens
     estimator: Literal["nll", "entropy"] = "nll"
 
+    def __post_init__(self) -> None:
+        self.entropy_target = EntropyTarget(self.target, "aepo.target")  # init_state needs it
+        super().__post_init__()
+
     def validate(self) -> None:
         if not 0.0 < self.prompt_fraction <= 1.0:
             raise MethodConfigError(f"aepo.prompt_fraction must be in (0, 1], got {self.prompt_fraction}")
@@ -115,8 +129,6 @@ class Aepo(Method):
             raise MethodConfigError("aepo temperatures must be positive")
         if self.num_samples < 0:
             raise MethodConfigError(f"aepo.num_samples must be >= 0, got {self.num_samples}")
-        if self.target < 0:
-            raise MethodConfigError(f"aepo.target is an entropy (nats per token), >= 0; got {self.target}")
 
     def check(self, args: Any) -> None:
         if getattr(args, "use_vllm", False):
@@ -125,10 +137,16 @@ class Aepo(Method):
             raise MethodConfigError("aepo needs multi_objective_aggregation: sum_then_normalize (its advantages)")
 
     def init_state(self) -> dict[str, Any]:
-        return {"estimate": 0.0, "batches": 0}
+        # "target": a calibrated target's sums and fixed value ({} for a number or a schedule)
+        return {"estimate": 0.0, "batches": 0, "target": self.entropy_target.init_state()}
 
-    def below_target(self) -> bool:
-        return self.state["estimate"] <= self.target
+    def target_at(self, step: int) -> float | None:
+        """The target at optimizer step ``step``; None while a calibrated target is still being measured."""
+        return self.entropy_target.value(step, self._target_state())
+
+    def _target_state(self) -> dict[str, Any]:
+        # a checkpoint written before targets could be calibrated has no "target": it held a number
+        return self.state.setdefault("target", self.entropy_target.init_state())
 
     def rollout(self, ctx: RolloutContext, generate: GenerateFn) -> Rollout:
         main = generate(None, None)
@@ -137,7 +155,11 @@ class Aepo(Method):
             return main
         if ctx.score is None:
             raise RuntimeError("aepo needs the trainer's reward functions in its rollout hook")
-        below = self.below_target()
+        target = self.target_at(ctx.step)
+        ctx.log("estimate", self.state["estimate"])
+        if target is None:  # calibrating: plain GRPO until the target is known
+            return main
+        below = self.state["estimate"] <= target
         temperature = self.temperature_high if below else self.temperature_low
         rows = self._extra_rows(ctx)
         extra = generate(rows, temperature)
@@ -148,8 +170,7 @@ class Aepo(Method):
         budget = budget if below else budget // 2
         keep = torch.nonzero(passed).flatten()[:budget].tolist()
         ctx.log("temperature", temperature)
-        ctx.log("target", self.target)
-        ctx.log("estimate", self.state["estimate"])
+        ctx.log("target", target)
         # Counts here would be per process; the advantage hook logs the global number injected.
         if not keep:
             return main
@@ -171,12 +192,19 @@ class Aepo(Method):
         injected = batch.tag(INJECTED) > 0  # (N,)
         normal = (~injected).float().unsqueeze(1) * batch.mask  # (N, T) tokens of normal rows
         if batch.training:
-            nll = float(-(batch.logps * normal).sum() / normal.sum().clamp(min=1.0))
-            entropy = float((batch.entropy * normal).sum() / normal.sum().clamp(min=1.0))
+            count = float(normal.sum())
+            nll_sum = float(-(batch.logps * normal).sum())
+            entropy_sum = float((batch.entropy * normal).sum())
+            nll, entropy = nll_sum / max(count, 1.0), entropy_sum / max(count, 1.0)
             self.state["estimate"] = nll if self.estimator == "nll" else entropy
             self.state["batches"] += 1
+            estimate_sum = nll_sum if self.estimator == "nll" else entropy_sum
+            self.entropy_target.observe(batch.step, self._target_state(), estimate_sum, count)
             batch.log("nll", nll)
             batch.log("entropy", entropy)
+            target = self.entropy_target.value(batch.step, dict(self._target_state()))
+            if target is not None:  # the target the rollout switch used at this step
+                batch.log("error", self.state["estimate"] - target)
         rewards = batch.total_rewards()
         batch.log("injected", injected.sum())
         batch.log("main_reward", float(torch.nanmean(rewards[~injected])) if bool((~injected).any()) else 0.0)

@@ -68,19 +68,21 @@ class Schedule:
             raise MethodConfigError(f"{where}: a {kind} schedule takes {sorted(_KEYS[kind])}; "
                                     + (f"unknown {sorted(unknown)}" if unknown else f"missing {sorted(missing)}"))
         if kind == "constant":
-            return cls("constant", start=_finite(spec["value"], where), end=float(spec["value"]))
+            return cls("constant", start=_finite(spec["value"], f"{where}.value"), end=float(spec["value"]))
         if kind in ("linear", "cosine"):
             steps = _positive_int(spec["steps"], f"{where}.steps")
-            return cls(kind, start=_finite(spec["start"], where), end=_finite(spec["end"], where), steps=steps)
+            return cls(kind, start=_finite(spec["start"], f"{where}.start"), end=_finite(spec["end"], f"{where}.end"),
+                       steps=steps)
         if kind == "step":
             milestones = spec["milestones"]
-            if not isinstance(milestones, list) or not all(isinstance(m, int) and m > 0 for m in milestones) \
+            if not isinstance(milestones, list) \
+                    or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones) \
                     or milestones != sorted(set(milestones)):
                 raise MethodConfigError(f"{where}.milestones: expected increasing positive steps, got {milestones!r}")
             gamma = _finite(spec["gamma"], f"{where}.gamma")
             if gamma < 0:
                 raise MethodConfigError(f"{where}.gamma must be >= 0, got {gamma}")
-            return cls("step", start=_finite(spec["start"], where), milestones=tuple(milestones), gamma=gamma)
+            return cls("step", start=_finite(spec["start"], f"{where}.start"), milestones=tuple(milestones), gamma=gamma)
         scale = _finite(spec.get("scale", 1.0), f"{where}.scale")
         if scale <= 0:
             raise MethodConfigError(f"{where}.scale must be > 0, got {scale}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -137,3 +138,93 @@ def test_parameters_are_checked():
         build_method({"name": "aepo", "target": -1})
     with pytest.raises(MethodConfigError, match="no parameter 'temprature_high'"):
         build_method({"name": "aepo", "temprature_high": 1.5})
+
+
+# -- the target as a schedule, or calibrated from the first rollouts ------------------------------------------
+
+
+def context_at(fake, step):
+    ctx = context(fake)
+    ctx.step = step
+    return ctx
+
+
+def test_a_scheduled_target_decides_each_rollouts_temperature_at_its_step():
+    aepo = build_method({"name": "aepo", "target": {"kind": "linear", "start": 1.0, "end": 0.0, "steps": 4},
+                         "num_samples": 4})
+    aepo.state["estimate"] = 0.6
+    temperatures, targets = [], []
+    for step in (0, 1, 2, 3, 8):
+        fake = FakeGeneration([1.0, 0.0, 1.0, 0.0])
+        ctx = context_at(fake, step)
+        with ctx.scope("aepo"):
+            aepo.rollout(ctx, fake.generate)
+        temperatures.append(fake.calls[1][1])
+        targets.append(ctx.metrics["aepo/target"])
+    assert targets == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert temperatures == [1.2, 1.2, 0.8, 0.8, 0.8]  # 0.6 <= target while it is 1.0 or 0.75
+    assert aepo.state == {"estimate": 0.6, "batches": 0, "target": {}}  # a schedule needs no state of its own
+
+
+def test_the_advantage_hook_logs_the_error_of_the_fresh_estimate():
+    aepo = build_method({"name": "aepo", "target": {"kind": "step", "start": 0.5, "milestones": [4], "gamma": 0.5}})
+    logps = torch.tensor([[-0.5, -0.3, -7.0]] * 8)  # NLL 0.4 over the valid tokens
+    for step, target in ((0, 0.5), (4, 0.25)):
+        batch = rollout_batch([1.0, 0.0] * 4, [0.0] * 8, logps)
+        batch.step = step
+        with batch.scope("aepo"):
+            aepo.advantage(grpo_advantages(torch.tensor([1.0, 0.0] * 4), 4), batch)
+        assert batch.metrics["aepo/error"] == pytest.approx(0.4 - target)
+
+
+def test_a_calibrated_target_injects_nothing_until_measured_then_holds_the_scaled_mean():
+    aepo = build_method({"name": "aepo", "target": {"kind": "calibrated", "steps": 2, "scale": 0.5}})
+    assert aepo.state == {"estimate": 0.0, "batches": 0, "target": {"sum": 0.0, "count": 0.0, "value": None}}
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    # NLL of the valid tokens (mask [1, 1, 0]): rollout at step 0 -> 0.4 (16 tokens), at step 1 -> 1.0 (16 tokens)
+    for step, logps in ((0, [[-0.5, -0.3, -7.0]] * 8), (1, [[-1.5, -0.5, -7.0]] * 8)):
+        fake = FakeGeneration([])
+        ctx = context_at(fake, step)
+        with ctx.scope("aepo"):
+            out = aepo.rollout(ctx, fake.generate)
+        assert fake.calls == [(None, None)] and [c[0] for c in out.completion_ids] == list(range(16))  # plain GRPO
+        assert "aepo/temperature" not in ctx.metrics and "aepo/target" not in ctx.metrics
+        batch = rollout_batch(rewards, [0.0] * 8, torch.tensor(logps))
+        batch.step = step
+        trl = grpo_advantages(torch.tensor(rewards), 4)
+        with batch.scope("aepo"):
+            assert torch.equal(aepo.advantage(trl.clone(), batch), trl)
+        assert "aepo/error" not in batch.metrics
+    assert aepo.state["target"] == {"sum": pytest.approx(6.4 + 16.0), "count": 32.0, "value": None}
+    assert aepo.state["estimate"] == pytest.approx(1.0)
+    # step 2: target 0.5 x 22.4 / 32 = 0.35; the estimate 1.0 is above it: cold, half the budget
+    fake = FakeGeneration([1.0, 1.0, 0.0, 0.0])
+    ctx = context_at(fake, 2)
+    with ctx.scope("aepo"):
+        out = aepo.rollout(ctx, fake.generate)
+    assert aepo.state["target"]["value"] == pytest.approx(0.35)
+    assert fake.calls[1] == ([0, 1, 2, 3], 0.8) and ctx.metrics["aepo/target"] == pytest.approx(0.35)
+    assert [c[0] for c in out.completion_ids][:4] == [100, 101, 2, 3]
+    batch = rollout_batch(rewards, [1.0, 1.0] + [0.0] * 6, torch.tensor([[-0.5, -0.3, -7.0]] * 8))
+    batch.step = 2
+    with batch.scope("aepo"):
+        aepo.advantage(grpo_advantages(torch.tensor(rewards), 4), batch)
+    assert batch.metrics["aepo/error"] == pytest.approx(0.4 - 0.35)
+    assert aepo.state["target"]["sum"] == pytest.approx(22.4)  # measurements after calibration do not count
+    state = json.loads(json.dumps(aepo.state))  # checkpointed with the method state, restored on resume
+    assert state == aepo.state
+
+
+def test_target_schedules_are_checked():
+    with pytest.raises(MethodConfigError, match="aepo.target: a target entropy must be >= 0"):
+        build_method({"name": "aepo", "target": {"kind": "linear", "start": 0.5, "end": -0.5, "steps": 10}})
+    with pytest.raises(MethodConfigError, match=r"aepo.target: a calibrated schedule takes .* missing \['steps'\]"):
+        build_method({"name": "aepo", "target": {"kind": "calibrated"}})
+
+
+def test_a_state_saved_before_targets_had_state_still_resumes():
+    aepo = build_method({"name": "aepo", "target": 0.5})
+    aepo.state = {"estimate": 0.7, "batches": 3}  # what an AEPO checkpoint held before
+    fake = FakeGeneration([1.0, 1.0, 1.0, 0.0])
+    aepo.rollout(context(fake), fake.generate)
+    assert fake.calls[1][1] == 0.8 and aepo.state == {"estimate": 0.7, "batches": 3, "target": {}}
