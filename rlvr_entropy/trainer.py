@@ -480,6 +480,7 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             importance_sampling_level=self.importance_sampling_level, step=self.state.global_step,
             micro_step=self._micro_step, seed=self.args.seed, process_index=self.accelerator.process_index,
             num_processes=self.accelerator.num_processes, gather=self._gather_padded, reduce_sum=self._reduce_sum, training=self.model.training,
+            accumulation_steps=self.current_gradient_accumulation_steps if self.model.training else 1,
             rollout_entropy=inputs.get("rollout_entropy"), rollout_logps=inputs.get("rollout_logps"),
             ref_logps=inputs.get("ref_per_token_logps"), kl_coef=float(self.beta),
             bias_correction_kl=bool(getattr(self.args, "use_bias_correction_kl", False)),

@@ -215,6 +215,8 @@ SCOPE_SETTINGS = {
     "archer": {"args": {"beta": 0.0}},
     # SIREN applies no penalty during optimizer step 0 (it measures its anchor): a fixed anchor exercises the penalty.
     "siren": {"entry": {"anchor": 0.5}},
+    # EntroPIC's default high_prob (0.95) selects no token of the random test model: a lower one exercises its term.
+    "entropic": {"entry": {"high_prob": 0.02, "kp": 0.05, "target": 1.0}},
 }
 
 

@@ -298,6 +298,7 @@ class LossBatch(_MethodScope):
     gather: Callable[[Tensor], Tensor]  # pads dim 1 across processes, then concatenates along dim 0
     reduce_sum: Callable[[Tensor], Tensor] = _identity  # sums a tensor over processes (identity on one)
     training: bool = True  # False under trainer.evaluate(): controllers must not update their state then
+    accumulation_steps: int = 1  # loss micro-batches per optimizer step on each process (1 under evaluate())
     rollout_entropy: Tensor | None = None  # (B, T) when some method needs rollout entropy
     rollout_logps: Tensor | None = None  # (B, T) when some method needs rollout log-probs
     ref_logps: Tensor | None = None  # (B, T) reference-model log-probs, present when TRL's beta != 0
