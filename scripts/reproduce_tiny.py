@@ -81,6 +81,17 @@ CONFIGS = [
     # TRL's own entropy controls, registered as methods: at their defaults
     Config("entropy_bonus", "grpo_split", ("methods=[{name: entropy_bonus, coef: 0.01}]",), "grpo_split"),
     Config("high_entropy_tokens", "grpo_split", ("methods=[{name: high_entropy_tokens, rho: 0.2}]",), "grpo_split"),
+    # The second wave (issue 17), each from its tiny recipe on the split task
+    Config("ter", "ter", (), "grpo_split"),
+    Config("entropic", "entropic", (), "grpo_split"),
+    Config("entropy_bonus_target", "entropy_bonus_target", (), "grpo_split"),
+    Config("entropy_coef_schedule", "entropy_coef_schedule", (), "grpo_split"),
+    Config("entropy_adv", "entropy_adv", (), "grpo_split"),
+    Config("ce_gppo", "ce_gppo", (), "grpo_split"),
+    Config("erc", "erc", (), "grpo_split"),
+    Config("archer", "archer", (), "grpo_split"),
+    Config("siren", "siren", (), "grpo_split", cost=1.2),
+    Config("typical", "typical", (), "grpo_split"),
     Config("grpo_think", "grpo_think", (), "grpo_think", cost=2.5),
     Config("pear", "pear", (), "grpo_think", cost=2.5),
     Config("ares", "ares", (), "grpo_think", cost=2.5),
@@ -279,25 +290,41 @@ def claim_pear(results: Results) -> Claim:
                  "than GRPO's (think task) with final accuracy within 0.05", observed, verdict)
 
 
-def claim_steer(results: Results) -> Claim:
-    ours, base = _paired(results, "steer", mean_abs_change)
+def claim_steadier(results: Results, name: str = "steer", label: str = "STEER") -> Claim:
+    ours, base = _paired(results, name, mean_abs_change)
     narrower = sum(a < b for a, b in zip(ours, base))
     observed = (f"mean |change of rollout entropy| per rollout {pm(ours, 4)} against GRPO's {pm(base, 4)} nats, "
                 f"smaller in {narrower} of {_seeds(len(ours))}")
     verdict = _verdict(narrower, len(ours))
-    return Claim("STEER narrows the per-step entropy change", "mean absolute change of the rollout entropy between "
+    return Claim(f"{label} narrows the per-step entropy change", "mean absolute change of the rollout entropy between "
                  "consecutive rollouts smaller than GRPO's, in every seed", observed, verdict)
 
 
-def claim_accuracy(results: Results, name: str, label: str, paper: str) -> Claim:
-    ours, base = _paired(results, name, lambda r: held_out(r, "pass1"))
+def claim_accuracy(results: Results, name: str, label: str, paper: str, which: str = "pass1") -> Claim:
+    metric = "pass@1" if which == "pass1" else "pass@8"
+    ours, base = _paired(results, name, lambda r: held_out(r, which))
     better = sum(a > b for a, b in zip(ours, base))
     ent, ent_base = _paired(results, name, lambda r: summarize_run(r).entropy_end)
-    observed = (f"held-out pass@1 {pm(ours)} against GRPO's {pm(base)}, higher in {better} of "
+    observed = (f"held-out {metric} {pm(ours)} against GRPO's {pm(base)}, higher in {better} of "
                 f"{_seeds(len(ours))}; end entropy {pm(ent)} against {pm(ent_base)}")
     verdict = _verdict(better, len(ours))
-    return Claim(f"{label}: {paper}", "held-out pass@1 at the end higher than GRPO's with the same seed, in every "
+    return Claim(f"{label}: {paper}", f"held-out {metric} at the end higher than GRPO's with the same seed, in every "
                  "seed", observed, verdict)
+
+
+TARGET_TOLERANCE = 0.05  # nats: how close the last quarter's mean training-pass entropy must be to the target
+
+
+def claim_target(results: Results, name: str, label: str, method: str) -> Claim:
+    """A controller of the training-pass entropy holds the target it logs (``<method>/target``) over the last quarter."""
+    plateau = [tail_mean(r, "entropy") for r in runs_of(results, name)]
+    targets = [tail_mean(r, f"{method}/target") for r in runs_of(results, name)]
+    hits = sum(abs(h - t) <= TARGET_TOLERANCE for h, t in zip(plateau, targets))
+    base = [tail_mean(r, "entropy") for r in runs_of(results, "grpo_split")]
+    observed = (f"training-pass entropy over the last quarter {pm(plateau)} against a target of {pm(targets, 2)}, "
+                f"within {TARGET_TOLERANCE} nats in {hits} of {_seeds(len(plateau))}; GRPO: {pm(base)}")
+    return Claim(f"{label} holds its target entropy", f"mean training-pass entropy over the last quarter within "
+                 f"{TARGET_TOLERANCE} nats of the logged target, in every seed", observed, _verdict(hits, len(plateau)))
 
 
 def claim_covariance(results: Results) -> Claim:
@@ -338,11 +365,22 @@ CLAIMS: list[tuple[tuple[str, ...], Callable[[Results], Claim]]] = [
     (("kl_cov+steer",), lambda r: claim_above(r, "kl_cov+steer", "KL-Cov + STEER (composed)")),
     (("aepo_0.8", "aepo_0.4", "grpo_split"), claim_aepo),
     (("pear",), claim_pear),
-    (("steer",), claim_steer),
+    (("steer",), claim_steadier),
     (("seed_grpo",), lambda r: claim_accuracy(r, "seed_grpo", "SEED-GRPO", "uncertainty-scaled advantages raise accuracy")),
     (("canon",), lambda r: claim_accuracy(r, "canon", "CANON (entropy)", "favouring the better entropy half raises accuracy")),
     (("grpo_split",), claim_covariance),
     (("grpo_split",), claim_law),
+    # the second wave
+    (("ter",), lambda r: claim_target(r, "ter", "TER", "ter")),
+    (("entropic",), lambda r: claim_target(r, "entropic", "EntroPIC", "entropic")),
+    (("entropy_bonus_target",), lambda r: claim_target(r, "entropy_bonus_target", "TRL's adaptive bonus (Skywork-OR1)",
+                                                       "entropy_bonus")),
+    (("ce_gppo",), lambda r: claim_above(r, "ce_gppo", "CE-GPPO (beta1 < beta2)")),
+    (("siren",), lambda r: claim_above(r, "siren", "SIREN")),
+    (("erc",), lambda r: claim_steadier(r, "erc", "ERC")),
+    (("archer",), lambda r: claim_accuracy(r, "archer", "Archer", "dual-token constraints raise accuracy")),
+    (("entropy_adv",), lambda r: claim_accuracy(r, "entropy_adv", "Entropy advantage",
+                                                 "an entropy bonus in the advantage raises pass@k", which="passk")),
 ]
 
 
@@ -397,6 +435,12 @@ FIGURES = {  # file name -> (caption, configs drawn at seed 0)
     "trl_methods.png": ("TRL's entropy bonus and high-entropy-token mask against GRPO",
                         ["grpo_split", "entropy_bonus", "high_entropy_tokens"]),
     "think_methods.png": ("PEAR and ARES against GRPO on the think task", ["grpo_think", "pear", "ares"]),
+    "target_controllers.png": ("Target-entropy controllers (dashed: each one's target) against GRPO",
+                               ["grpo_split", "ter", "entropic", "entropy_bonus_target", "aepo_0.8"]),
+    "second_wave_loss.png": ("CE-GPPO, Archer, ERC, SIREN and the entropy advantage against GRPO",
+                             ["grpo_split", "ce_gppo", "archer", "erc", "siren", "entropy_adv"]),
+    "schedules_and_sampling.png": ("A scheduled entropy coefficient and typical sampling against GRPO",
+                                   ["grpo_split", "entropy_coef_schedule", "typical"]),
 }
 
 
@@ -452,7 +496,8 @@ paper's, scaled to keep the number of tokens each selection treats (`recipes/tin
 
 
 def write_document(results: Results, *, seeds: Sequence[int], steps: int, doc: Path,
-                   figures: list[tuple[str, str]], failures: Sequence[str], minutes: float | None) -> list[Claim]:
+                   figures: list[tuple[str, str]], failures: Sequence[str], minutes: float | None,
+                   jobs: int = 2) -> list[Claim]:
     """Write the document; returns the claims it judged."""
     found = claims(results)
     lines = [
@@ -462,7 +507,7 @@ def write_document(results: Results, *, seeds: Sequence[int], steps: int, doc: P
         "`; rerun it to check every figure below. Offline tiny world (a ~1M-parameter character-level Qwen2, "
         "warm-started), CPU.",
         "",
-        f"- Seeds: {', '.join(map(str, seeds))}; {steps} optimizer steps per run; two runs at a time"
+        f"- Seeds: {', '.join(map(str, seeds))}; {steps} optimizer steps per run; {jobs} run{'s' if jobs != 1 else ''} at a time"
         + (f"; {minutes:.0f} minutes of training in all" if minutes else "") + f" on {platform.machine()} with {os.cpu_count()} cores.",
         f"- Shared by every run: `{' '.join(SHARED)}`, and from the recipes: 128 prompts, 16 prompts × 8 completions "
         "per optimizer step, 4 optimizer steps per rollout, temperature 1, `loss_type: dapo`, no KL.",
@@ -542,13 +587,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # the training time, kept so that --report-only can still state it
     timing = out / "benchmark_time.json"
-    if not args.report_only:
-        timing.write_text(json.dumps({"seeds": list(seeds), "steps": steps, "minutes": (time.time() - start) / 60}))
     recorded = json.loads(timing.read_text()) if timing.exists() else {}
+    if not args.report_only:
+        minutes = (time.time() - start) / 60
+        if not full and recorded.get("seeds") == list(seeds) and recorded.get("steps") == steps:
+            minutes += recorded.get("minutes") or 0.0  # configs added to a finished benchmark: the total
+        recorded = {"seeds": list(seeds), "steps": steps, "minutes": minutes, "jobs": args.jobs}
+        timing.write_text(json.dumps(recorded))
     minutes = recorded.get("minutes") if recorded.get("seeds") == list(seeds) and recorded.get("steps") == steps else None
     figures = draw_figures(out, doc.parent / "figures" / "tiny-benchmark", seeds[0], set(results))
     found = write_document(results, seeds=seeds, steps=steps, doc=doc, figures=figures, failures=failures,
-                   minutes=minutes)
+                   minutes=minutes, jobs=recorded.get("jobs", args.jobs))
     print(f"[reproduce_tiny] wrote {doc} ({(time.time() - start) / 60:.1f} min)")
     for c in found:
         print(f"  {c.title}: {c.verdict}")

@@ -80,7 +80,8 @@ def test_spread_and_plus_minus(bench):
 
 
 def fake_run(name: str, *, h0: float = 1.0, h1: float = 1.0, acc: float = 0.5, length: float = 5.0,
-             aepo: float | None = None, wobble: float = 0.0, pass1: float = 0.3, cov_sign: float = 1.0) -> Run:
+             aepo: float | None = None, wobble: float = 0.0, pass1: float = 0.3, cov_sign: float = 1.0,
+             targets: dict[str, float] | None = None) -> Run:
     """Entropy from h0 to h1 in uneven steps; Cov(log pi, A) of each step is -cov_sign times its change."""
     steps = 40
     weights = [1 + 0.5 * (i % 3) for i in range(steps - 1)]
@@ -89,7 +90,7 @@ def fake_run(name: str, *, h0: float = 1.0, h1: float = 1.0, acc: float = 0.5, l
     for i in range(steps):
         d = deltas[i] if i < steps - 1 else deltas[-1]
         row = {"step": i + 1, "entropy": h, "rewards/correctness/mean": acc - 0.3 * (h - h1),
-               "covariance/logp_adv": -cov_sign * d}
+               "covariance/logp_adv": -cov_sign * d, **{f"{m}/target": t for m, t in (targets or {}).items()}}
         if i % 4 == 0:
             row |= {"rollout_entropy/mean": h + (wobble if i % 8 == 0 else -wobble), "completions/mean_length": length}
             if aepo is not None:
@@ -120,9 +121,21 @@ def test_claims_reproduced_when_the_curves_show_them(bench):
         **{"aepo_0.8": {"aepo": 0.82}, "aepo_0.4": {"aepo": 0.43}},
         grpo_think={"length": 20.0, "wobble": 0.05}, pear={"length": 12.0}, steer={"wobble": 0.0},
         grpo_split={"h1": 0.4, "wobble": 0.05}, seed_grpo={"pass1": 0.4}, canon={"pass1": 0.35},
+        # the second wave: controllers end within 0.05 of their targets (last quarter 0.47-0.49 against 0.47)
+        ter={"targets": {"ter": 0.47}}, entropic={"targets": {"entropic": 0.47}},
+        entropy_bonus_target={"targets": {"entropy_bonus": 0.47}},
+        ce_gppo={"h1": 0.7}, siren={"h1": 0.7}, erc={"wobble": 0.0}, archer={"pass1": 0.4}, entropy_adv={"pass1": 0.4},
     )
     v = verdicts(bench, results)
     assert v == {
+        "TER holds its target entropy": "reproduced",
+        "EntroPIC holds its target entropy": "reproduced",
+        "TRL's adaptive bonus (Skywork-OR1) holds its target entropy": "reproduced",
+        "CE-GPPO (beta1 < beta2) keeps entropy above GRPO": "reproduced",
+        "SIREN keeps entropy above GRPO": "reproduced",
+        "ERC narrows the per-step entropy change": "reproduced",
+        "Archer: dual-token constraints raise accuracy": "reproduced",
+        "Entropy advantage: an entropy bonus in the advantage raises pass@k": "reproduced",
         "GRPO's entropy collapses": "reproduced",
         "Clip-Cov keeps entropy above GRPO": "reproduced",
         "KL-Cov keeps entropy above GRPO": "reproduced",
@@ -145,8 +158,11 @@ def test_claims_not_reproduced_when_the_curves_do_not_show_them(bench):
         **{"aepo_0.8": {"aepo": 0.6}, "aepo_0.4": {"aepo": 0.43}},
         grpo_think={"length": 20.0}, pear={"length": 19.0}, steer={"wobble": 0.05},
         seed_grpo={"pass1": 0.2}, canon={"pass1": 0.3},
+        ter={"targets": {"ter": 0.8}}, entropic={"h1": 0.38, "targets": {"entropic": 0.51}},  # last quarter 0.455-0.472: two seeds in
     )
     v = verdicts(bench, results)
+    assert v["TER holds its target entropy"] == "not reproduced"
+    assert v["EntroPIC holds its target entropy"] == "partly"
     assert v["GRPO's entropy collapses"] == "not reproduced"
     # 0.85 + 0.01 s against 0.9 + 0.01 s: lower in every seed
     assert v["Clip-Cov keeps entropy above GRPO"] == "not reproduced"
