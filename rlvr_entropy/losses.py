@@ -11,6 +11,8 @@ from __future__ import annotations
 from torch import Tensor
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+#: The loss types whose surrogate is PPO's clipped one, min(r*A, clip(r, 1 - epsilon_low, 1 + epsilon_high)*A).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def aggregate(

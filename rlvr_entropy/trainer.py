@@ -88,7 +88,7 @@ from rlvr_entropy.config import EntropyGRPOConfig, build_pipeline
 from rlvr_entropy.data import drop_bad_rows, prompt_token_limit
 from rlvr_entropy.guards import GUARD_KEY, StepGuard
 from rlvr_entropy.launch import check_engine, check_geometry
-from rlvr_entropy.losses import aggregate
+from rlvr_entropy.losses import CLIPPED_LOSS_TYPES, aggregate
 from rlvr_entropy.methods import LossBatch, RolloutBatch
 from rlvr_entropy.metrics import (MetricsJsonlCallback, entropy_by_difficulty, entropy_gap, entropy_summary,
                                   logp_adv_covariance, reduce_across)
@@ -104,7 +104,6 @@ from rlvr_entropy.tensor_ops import fit_width, logit_stats, per_token
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 CARRY_PREFIX = "carry/"  # output-dict keys holding tensors a method passes from its advantage hook to its loss hook
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's losses that clip the ratio at 1 -/+ epsilon
 
 
 @contextlib.contextmanager

@@ -44,11 +44,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from rlvr_entropy.losses import CLIPPED_LOSS_TYPES
 from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, TokenTerms, register
 
 logger = logging.getLogger(__name__)
 
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's losses with a per-token clip range
 KL_LOG_RATIO_BOUND = 20.0  # the reference clamps ref - logp to +/-20 ...
 KL_BOUND = 10.0  # ... and the k3 estimate to +/-10
 

@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from rlvr_entropy.losses import CLIPPED_LOSS_TYPES
 from rlvr_entropy.methods.base import Method, MethodConfigError, RolloutBatch
 from rlvr_entropy.tensor_ops import per_token
 
-PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+PPO_LOSS_TYPES = CLIPPED_LOSS_TYPES
 
 
 @dataclass
