@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers.trainers import build, generate, loss_and_grads, prompt_rows
+from helpers.trainers import build, generate, loss_and_grads, off_policy, prompt_rows
 
 from rlvr_entropy.methods import Method, MethodConfigError, Pipeline, TokenTerms
 from rlvr_entropy.tensor_ops import LOGIT_CHUNK
@@ -75,15 +75,6 @@ class DrivesCoef(Method):
 
 def path(cls, **params):
     return {"name": f"test_hook_interface.{cls.__name__}", **params}
-
-
-def off_policy(trainer, out, noise=0.3):
-    with torch.no_grad():
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, out["completion_ids"].size(1))
-    out["old_per_token_logps"] = logps + noise * torch.randn(logps.shape, generator=torch.Generator().manual_seed(1))
-    return out
 
 
 def assert_same(a, b):

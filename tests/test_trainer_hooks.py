@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers.trainers import build, generate, loss_and_grads, prompt_rows
+from helpers.trainers import build, generate, loss_and_grads, off_policy, prompt_rows
 
 from rlvr_entropy.methods import Method, MethodConfigError, TokenTerms
 
@@ -70,15 +70,6 @@ class LengthPenalty(Method):
 
 def path(cls):
     return {"name": f"test_trainer_hooks.{cls.__name__}"}
-
-
-def off_policy(trainer, out):
-    with torch.no_grad():
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, out["completion_ids"].size(1))
-    out["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=torch.Generator().manual_seed(1))
-    return out
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "cispo", "sapo"])

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor
 
 from rlvr_entropy.losses import CLIPPED_LOSS_TYPES
-from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, TokenTerms, register
+from rlvr_entropy.methods.base import (LossBatch, Method, MethodConfigError, TokenTerms, register,
+                                       updates_on_policy_only)
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class Archer(Method):
                 f"TRL's delta ({args.delta}) caps the ratio below archer's widest upper clip 1 + {widest}: use "
                 "delta > 1 + high_entropy_clip_high (the reference's dual clip is 10) or leave it unset"
             )
-        if args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps:
+        if updates_on_policy_only(args):
             logger.warning(
                 "archer: every update is on-policy (one optimizer step per generation batch), so the ratio is 1 and "
                 "its per-token clip ranges never act; only its KL on low-entropy tokens remains. Set "

@@ -55,6 +55,13 @@ class MethodConfigError(ValueError):
     """A method entry in a recipe is malformed (unknown method, unknown or mistyped parameter, bad range)."""
 
 
+def updates_on_policy_only(args: Any) -> bool:
+    """Whether every optimizer step of a run with TRL config ``args`` is the first update after its rollout (one
+    optimizer step per generation batch, one iteration): old log-probs then equal the current ones, so a method that
+    acts on the ratio or on the change since the rollout does nothing."""
+    return args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What the hooks see
 

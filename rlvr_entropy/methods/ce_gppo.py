@@ -68,7 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, register
+from rlvr_entropy.methods.base import (LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, register,
+                                       updates_on_policy_only)
 from rlvr_entropy.methods.covariance import PPO_LOSS_TYPES
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class CEGPPO(Method):
                 "gradient ce_gppo restores on clipped tokens; the reference has no such correction: set "
                 "vllm_importance_sampling_correction: false to match it."
             )
-        if args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps:
+        if updates_on_policy_only(args):
             logger.warning(
                 "ce_gppo: every update is on-policy (one optimizer step per generation batch), so no token is "
                 "PPO-clipped and CE-GPPO is a no-op. Set steps_per_generation to a multiple of "

@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import LossBatch, Method, MethodConfigError, TokenTerms, register
+from rlvr_entropy.methods.base import (LossBatch, Method, MethodConfigError, TokenTerms, register,
+                                       updates_on_policy_only)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ERC(Method):
                 "rollout_stats_source is 'forward'; that estimate is a lower bound, and a band of "
                 f"({self.low}, {self.high}) would fire on its error. Set rollout_stats_source: forward (exact)."
             )
-        if args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps:
+        if updates_on_policy_only(args):
             logger.warning(
                 "erc: every update is on-policy (one optimizer step per generation batch), so the entropy ratio is "
                 "1 and ERC is a no-op. Set steps_per_generation to a multiple of gradient_accumulation_steps "

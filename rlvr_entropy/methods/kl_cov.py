@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import LossBatch, MethodConfigError, RolloutBatch, TokenTerms, register
+from rlvr_entropy.methods.base import (LossBatch, MethodConfigError, RolloutBatch, TokenTerms, register,
+                                       updates_on_policy_only)
 from rlvr_entropy.methods.covariance import CovarianceMethod
 from rlvr_entropy.tensor_ops import centered_product, masked_mean
 
@@ -85,7 +86,7 @@ class KLCov(CovarianceMethod):
                 f"`epsilon: 1.0` and `epsilon_high: {UNCLIPPED_EPSILON_HIGH:g}` in the recipe, "
                 "or `base_clip: true` on the method to keep PPO clipping"
             )
-        if args.num_iterations == 1 and args.steps_per_generation <= args.gradient_accumulation_steps:
+        if updates_on_policy_only(args):
             logger.warning(
                 "kl_cov: every update is on-policy (one optimizer step per generation batch), so its penalty "
                 "|logp - logp_old| is identically 0 and KL-Cov reduces to unclipped REINFORCE. Set "

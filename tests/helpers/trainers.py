@@ -90,3 +90,13 @@ def loss_and_grads(trainer, inputs):
     loss = trainer._compute_loss(trainer.model, inputs)
     loss.backward()
     return loss.detach(), grads(trainer.model)
+
+
+def off_policy(trainer, out, noise: float = 0.3):
+    """``out`` with old log-probs moved away from the current policy's (seeded noise): a later update of a rollout."""
+    with torch.no_grad():
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, out["completion_ids"].size(1))
+    out["old_per_token_logps"] = logps + noise * torch.randn(logps.shape, generator=torch.Generator().manual_seed(1))
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.cov_example import ppo_token_loss
-from helpers.trainers import build, generate, grads, loss_and_grads, prompt_rows
+from helpers.trainers import build, generate, grads, loss_and_grads, off_policy, prompt_rows
 
 from rlvr_entropy.config import RecipeError, build_method, load_recipe
 from rlvr_entropy.methods import LossBatch, MethodConfigError, Pipeline
@@ -168,15 +168,6 @@ def _perturbed_reference(out, scale=0.3):
     return out
 
 
-def _off_policy(trainer, out, noise=0.5):
-    with torch.no_grad():
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, out["completion_ids"].size(1))
-    out["old_per_token_logps"] = logps + noise * torch.randn(logps.shape, generator=torch.Generator().manual_seed(1))
-    return out
-
-
 @pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
 def test_with_every_token_low_entropy_archer_is_trls_kl_loss(model_dir, tmp_path, loss_type):
     """quantile 1: every token is low-entropy, so Archer = TRL's clip 0.2 + TRL's token-mean KL with beta = kl_coef
@@ -185,7 +176,7 @@ def test_with_every_token_low_entropy_archer_is_trls_kl_loss(model_dir, tmp_path
     ours = build(model_dir, tmp_path, [{"name": "archer", "quantile": 1.0, "kl_coef": 0.04}], loss_type=loss_type,
                  beta=0.0)
     assert ours.ref_model is not None
-    out = _perturbed_reference(_off_policy(trl, generate(trl, prompt_rows(2, 4))))
+    out = _perturbed_reference(off_policy(trl, generate(trl, prompt_rows(2, 4)), noise=0.5))
     (la, ga), (lb, gb) = loss_and_grads(ours, dict(out)), loss_and_grads(trl, dict(out))
     assert la.item() == pytest.approx(lb.item(), rel=1e-5, abs=1e-7)
     for name, g in ga.items():
@@ -198,7 +189,7 @@ def test_trainer_loss_and_gradients_equal_the_reference_computed_on_the_trainers
     dual clip via delta, KL on low tokens) evaluated on the same forward pass, in value and gradient."""
     ours = build(model_dir, tmp_path, [{"name": "archer", "kl_coef": 0.05, "high_kl_coef": 0.02}], beta=0.0,
                  delta=3.0)
-    out = _perturbed_reference(_off_policy(ours, generate(ours, prompt_rows(2, 4)), noise=0.6))
+    out = _perturbed_reference(off_policy(ours, generate(ours, prompt_rows(2, 4)), noise=0.6))
     loss, got = loss_and_grads(ours, dict(out))
 
     ours.model.zero_grad(set_to_none=True)
