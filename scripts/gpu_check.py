@@ -47,6 +47,13 @@ METHOD_ENTRIES = {
     "canon": {"metric": "entropy"},
 }
 EXTRA = [("canon_length", {"name": "canon", "metric": "length"})]  # CANON with both metrics
+#: TRL settings a method needs over the shared ones (Archer's own KL replaces TRL's: it refuses beta != 0).
+METHOD_ARGS = {"archer": {"beta": 0.0}}
+
+
+def method_args(methods: list[dict] | None) -> dict[str, Any]:
+    """The TRL settings the listed methods need (``METHOD_ARGS``), to update the shared ``train_args`` with."""
+    return {k: v for m in methods or [] for k, v in METHOD_ARGS.get(m["name"], {}).items()}
 
 
 def padded_char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -108,13 +115,14 @@ class StepTimer(TrainerCallback):
 
 def train_args(opts: argparse.Namespace, out: Path, **extra: Any) -> dict[str, Any]:
     gpu = not opts.cpu
-    return dict(
+    args = dict(
         output_dir=str(out), use_cpu=not gpu, bf16=gpu, **checkpointing_off(), report_to="none",
         save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0,
         per_device_train_batch_size=opts.batch, num_generations=8, steps_per_generation=1,
         max_completion_length=opts.max_tokens, max_steps=opts.warmup + opts.steps, learning_rate=1e-6,
-        temperature=1.0, beta=0.04, epsilon=0.2, loss_type="dapo", **extra,
+        temperature=1.0, beta=0.04, epsilon=0.2, loss_type="dapo",
     )
+    return args | extra | method_args(extra.get("methods"))
 
 
 def run_configuration(name: str, methods: list[dict] | None, model_dir: Path, opts: argparse.Namespace,
