@@ -166,3 +166,22 @@ def test_global_means_over_tokens_subsets_and_rows():
     assert row_mean.item() == pytest.approx(float(rows.detach().mean()))
     row_mean.backward()
     assert torch.allclose(rows.grad, torch.full_like(rows, 1 / rows.numel()))
+
+
+def test_reference_logps_at_beta_zero_are_refused_for_a_peft_model(model_dir, tmp_path):
+    """TRL builds no separate reference model for a PEFT policy: the trainer says so instead of failing later."""
+    from helpers.trainers import cpu_args
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    from rlvr_entropy import EntropyGRPOConfig, EntropyGRPOTrainer
+    from rlvr_entropy.tasks import make_dataset
+    from rlvr_entropy.tasks.rewards import correctness
+
+    with pytest.raises(ValueError, match="needs_reference needs reference log-probs.*PEFT.*beta"):
+        EntropyGRPOTrainer(
+            model=str(model_dir), reward_funcs=[correctness],
+            args=EntropyGRPOConfig(**cpu_args(tmp_path, methods=[path(NeedsReference)], beta=0.0)),
+            train_dataset=make_dataset("arithmetic", 16, 0), processing_class=AutoTokenizer.from_pretrained(model_dir),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        )
