@@ -162,7 +162,8 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
                 "log-probs; with a PEFT model TRL has no separate reference model: set `beta` > 0 (TRL then computes "
                 "them with the adapter disabled) or train without PEFT"
             )
-        if self.pipeline.logit_stat_methods():
+        self._logit_stat_methods = self.pipeline.logit_stat_methods()  # fixed for the run: not looked up per forward
+        if self._logit_stat_methods:
             self._install_logit_stats()
         check_engine(self.accelerator.distributed_type, self.accelerator.num_processes)  # launch.py
         self._engine_checked = False  # again on the prepared model, at the first training step
@@ -262,9 +263,9 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             finally:
                 handle.remove()
             # Position t predicts token t + 1, as in TRL's head: (b, L-1, d) and (b, L-1).
-            call.logit_stats.append(logit_stats(self.pipeline.logit_stat_methods(), hidden[-1][:, :-1],
+            call.logit_stats.append(logit_stats(trainer._logit_stat_methods, hidden[-1][:, :-1],
                                                 labels[:, 1:] != -100, model.get_output_embeddings(),
-                                                1.0 / self.temperature))
+                                                1.0 / trainer.temperature))
             return out
 
         model.forward = forward
@@ -418,7 +419,7 @@ class EntropyGRPOTrainer(CheckpointMixin, RolloutMixin, GRPOTrainer):
             )
         # 5. The training forward of this loss micro-batch: the one place with current log-probs.
         kwargs["compute_entropy"] = True
-        if self.pipeline.logit_stat_methods():
+        if self._logit_stat_methods:
             call.logit_stats = []  # filled by the wrapped forward, once per model call
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs

@@ -55,6 +55,20 @@ class MethodConfigError(ValueError):
     """A method entry in a recipe is malformed (unknown method, unknown or mistyped parameter, bad range)."""
 
 
+def clipped_sides(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, eps_low: float | Tensor,
+                  eps_high: float | Tensor) -> tuple[Tensor, Tensor]:
+    """PPO's clipped tokens, split by side: (low, high), each (B, T) bool; TRL's ``clip_ratio`` definition.
+
+    low: ratio < 1 - eps_low with A < 0; high: ratio > 1 + eps_high with A > 0 (the clip term is the active one,
+    so the token's policy gradient is 0). Padding is never clipped.
+    """
+    ratio = torch.exp(logps.detach() - old_logps)  # (B, T)
+    valid = mask > 0
+    low = (ratio < 1 - eps_low) & (advantages < 0) & valid
+    high = (ratio > 1 + eps_high) & (advantages > 0) & valid
+    return low, high
+
+
 def updates_on_policy_only(args: Any) -> bool:
     """Whether every optimizer step of a run with TRL config ``args`` is the first update after its rollout (one
     optimizer step per generation batch, one iteration): old log-probs then equal the current ones, so a method that
@@ -369,10 +383,9 @@ class LossBatch(_MethodScope):
         Same definition as TRL's ``clip_ratio/region_mean``: the ratio left [1-eps_low, 1+eps_high]
         in the direction the advantage pushes it.
         """
-        ratio = torch.exp(self.logps.detach() - self.old_logps)  # (B, T)
-        low = (ratio < 1 - self.epsilon_low) & (self.advantages < 0)
-        high = (ratio > 1 + self.epsilon_high) & (self.advantages > 0)
-        return (low | high) & (self.mask > 0)
+        low, high = clipped_sides(self.logps, self.old_logps, self.advantages, self.mask, self.epsilon_low,
+                                  self.epsilon_high)
+        return low | high
 
     def kl(self) -> Tensor:
         """TRL's per-token KL term before ``beta``, (B, T) with grad: the k3 estimator against the
@@ -502,10 +515,12 @@ class Method:
         divided by the temperature) of ``n`` counted completion positions in, (n,) out.
 
         It runs inside the training forward on chunks of positions and is recomputed in the backward pass, so no
-        (B, T, V) tensor is kept; ``token_loss`` reads the result with ``batch.logit_stat()``. Override it only if
-        the method needs a function of the logits other than TRL's log-probs and entropy (which it always has).
+        (B, T, V) tensor is kept; ``token_loss`` reads the result with ``batch.logit_stat()``. The trainer computes
+        it only for methods that override it: the default, the full token entropy, is what ``batch.entropy``
+        already holds from TRL's fused head, so override it for another function of the logits.
         """
-        raise NotImplementedError
+        logp = torch.log_softmax(logits, dim=-1)  # (n, V)
+        return -(logp.exp() * logp).sum(-1)
 
     def token_loss(self, batch: LossBatch) -> TokenTerms | None:
         """Per-token weights, detach masks and extra loss terms for one loss micro-batch."""

@@ -68,24 +68,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlvr_entropy.methods.base import (LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, register,
-                                       updates_on_policy_only)
+from rlvr_entropy.methods.base import (LossBatch, Method, MethodConfigError, RolloutBatch, TokenTerms, clipped_sides,
+                                       register, updates_on_policy_only)
 from rlvr_entropy.methods.covariance import PPO_LOSS_TYPES
 
 logger = logging.getLogger(__name__)
-
-
-def clipped_sides(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, eps_low: float,
-                  eps_high: float) -> tuple[Tensor, Tensor]:
-    """PPO's clipped tokens, split by side: (low, high), each (B, T) bool.
-
-    low: ratio < 1 - eps_low with A < 0; high: ratio > 1 + eps_high with A > 0 (TRL's clip region).
-    """
-    ratio = torch.exp(logps.detach() - old_logps)  # (B, T)
-    valid = mask > 0
-    low = (ratio < 1 - eps_low) & (advantages < 0) & valid
-    high = (ratio > 1 + eps_high) & (advantages > 0) & valid
-    return low, high
 
 
 def gradient_preserving_term(logps: Tensor, advantages: Tensor, low: Tensor, high: Tensor, beta1: float,

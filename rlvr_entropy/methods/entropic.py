@@ -96,12 +96,9 @@ class EntroPIC(Method):
         entropy = torch.where(valid, batch.entropy.detach().float(), 0.0)  # (B, T); padding never read
         total, count = batch.global_sum_count(entropy)  # global over processes, detached
         entropy_sum, token_count = torch.stack([total, count]).tolist()  # the controller runs on Python floats
-        # evaluation reads a copy: fixing a calibrated target is a state update, left to training
-        target_state = self.state["target"] if batch.training else dict(self.state["target"])
-        target = self._target.value(batch.step, target_state)
+        target = self._target.at_step(batch.step, self.state["target"], batch.training,
+                                      lambda: (entropy_sum, token_count))
         if target is None:  # a calibrated target still being measured: observe only
-            if batch.training:
-                self._target.observe(batch.step, self.state["target"], entropy_sum, token_count)
             return None
         if token_count == 0:  # no counted token on any process: nothing to measure or adjust
             return None

@@ -99,10 +99,7 @@ class EntropyBonus(Method):
         if not self.adaptive:
             return None
         total, count = batch.global_sum_count(batch.entropy)  # detached, all processes (every one calls it)
-        state = self._target_state() if batch.training else dict(self._target_state())  # evaluate(): a copy
-        if batch.training:
-            self.entropy_target.observe(batch.step, state, total, count)
-        target = self.entropy_target.value(batch.step, state)
+        target = self.entropy_target.at_step(batch.step, self._target_state(), batch.training, lambda: (total, count))
         if target is not None:
             batch.log("target", target)
             batch.log("error", total / count.clamp(min=1.0) - target)

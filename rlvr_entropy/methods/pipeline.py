@@ -71,17 +71,13 @@ class Pipeline:
 
     @property
     def needs(self) -> frozenset[str]:
-        out: set[str] = set()
-        for m in self.methods:
-            out |= m.needs
-        return frozenset(out)
+        """The rollout statistics any method needs."""
+        return frozenset().union(*(m.needs for m in self.methods))
 
     @property
     def loss_needs(self) -> frozenset[str]:
-        out: set[str] = set()
-        for m in self.methods:
-            out |= m.loss_needs
-        return frozenset(out)
+        """The loss-time inputs any method needs."""
+        return frozenset().union(*(m.loss_needs for m in self.methods))
 
     def logit_stat_methods(self) -> list[Method]:
         """The methods whose ``logit_stat`` the training forward must compute."""

@@ -19,8 +19,11 @@ minus target), so ``rlvr-entropy plot`` draws the target against the measured en
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from rlvr_entropy.methods.base import MethodConfigError
 
@@ -136,7 +139,20 @@ class EntropyTarget:
             state["value"] = self.schedule.scale * state["sum"] / state["count"]  # fixed from now on
         return state["value"]
 
-    def observe(self, step: int, state: dict[str, Any], entropy_sum: float, count: float) -> None:
+    def at_step(self, step: int, state: dict[str, Any], training: bool,
+                measure: Callable[[], tuple[float | Tensor, float | Tensor]]) -> float | None:
+        """The target a controller's loss hook uses at ``step``, calibration included: while a calibrated target is
+        still being measured, a training step adds ``measure()`` (an entropy sum and token count, global over
+        processes) to ``state``; under ``evaluate()`` (``training`` False) a copy is read and nothing changes.
+        ``measure`` is called only when the sums are wanted: it may be a collective, and the condition depends only
+        on the (global) state, so every process calls it or none does."""
+        if not training:
+            return self.value(step, dict(state))
+        if self.calibrated and state["value"] is None and step < self.schedule.steps:
+            self.observe(step, state, *measure())
+        return self.value(step, state)
+
+    def observe(self, step: int, state: dict[str, Any], entropy_sum: float | Tensor, count: float | Tensor) -> None:
         """Add one measurement (a token sum and count, global over processes) taken at ``step``."""
         if self.calibrated and state["value"] is None and step < self.schedule.steps:
             state["sum"] += float(entropy_sum)

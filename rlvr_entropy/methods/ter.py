@@ -62,13 +62,9 @@ class TER(Method):
 
     def token_loss(self, batch: LossBatch) -> TokenTerms | None:
         entropy = torch.where(batch.mask > 0, batch.entropy.float(), 0.0)  # (B, T), with grad; padding never read
-        # evaluation reads a copy: fixing a calibrated target is a state update, left to training
-        target_state = self.state["target"] if batch.training else dict(self.state["target"])
-        target = self._target.value(batch.step, target_state)
+        target = self._target.at_step(batch.step, self.state["target"], batch.training,
+                                      lambda: batch.global_sum_count(entropy))
         if target is None:  # a calibrated target still being measured: observe only
-            if batch.training:
-                total, count = batch.global_sum_count(entropy)
-                self._target.observe(batch.step, self.state["target"], *torch.stack([total, count]).tolist())
             return None
         mean_entropy = batch.global_mean(entropy)  # (), with grad; the same value on every process
         error = mean_entropy - target

@@ -8,7 +8,8 @@ from helpers.trainers import build, generate, loss_and_grads, prompt_rows
 
 from rlvr_entropy.config import RecipeError, build_method, load_recipe
 from rlvr_entropy.methods import LossBatch, MethodConfigError, Pipeline
-from rlvr_entropy.methods.ce_gppo import clipped_sides, gradient_preserving_term
+from rlvr_entropy.methods.base import clipped_sides
+from rlvr_entropy.methods.ce_gppo import gradient_preserving_term
 from rlvr_entropy.methods.kl_cov import kl_cov_select
 
 CPU = ["use_cpu=true", "bf16=false", "gradient_checkpointing=false"]
